@@ -1,0 +1,263 @@
+"""Datasets as DataFrames with fixed, seeded splits: a Task is a name, its label names and train/val/test."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from .assets import asset_path
+
+SPLITS = ("train", "val", "test")
+TREC_LABELS = ("DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC")  # label-coarse 0..5, in this order
+SENTIMENT_LABELS = ("negative", "positive")
+TREC_TRAIN_ROWS = 5452  # rows 0..5451 of trec.csv are the official train set, the rest the 500-question test set
+
+_HUTTO = "sign of the mean of 20 human ratings (Hutto & Gilbert 2014), rows rated exactly 0 dropped; stratified 80/10/10"
+DATASETS: dict[str, str] = {
+    "trec": "Task A: TREC-6 coarse question type (Li & Roth 2002); official train/test, val = stratified 10% of train",
+    "movies": f"Task B: Rotten Tomatoes movie-review sentences, {_HUTTO}",
+    "amazon": f"Amazon product-review snippets (domain shift for Task B), {_HUTTO}",
+    "nyt": f"New York Times editorial snippets (domain shift for Task B), {_HUTTO}",
+    "tweets": f"Tweets (domain shift for Task B), {_HUTTO}",
+}
+_RAW_ROWS = {"trec": 5952, "movies": 10605, "amazon": 3708, "nyt": 5190, "tweets": 4200}
+_MAX_ROWS_SHOWN = 10
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A classification task: label names and train/val/test DataFrames with columns id, text, label."""
+
+    name: str
+    label_names: tuple[str, ...]
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    description: str = ""
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes; labels are ints in 0..num_labels-1."""
+        return len(self.label_names)
+
+    def split(self, name: str) -> pd.DataFrame:
+        """The DataFrame of split `name`: "train", "val" or "test"."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; use one of {', '.join(map(repr, SPLITS))}")
+        return getattr(self, name)
+
+    def sizes(self, normalize: bool = False) -> pd.DataFrame:
+        """Rows per label name (index) and split (columns), with totals; `normalize` gives fractions of each column."""
+        counts = pd.DataFrame(
+            {s: self.split(s)["label"].value_counts().reindex(range(self.num_labels), fill_value=0) for s in SPLITS}
+        )
+        counts.index = pd.Index(self.label_names, name="label")
+        counts["total"] = counts.sum(axis=1)
+        counts.loc["total"] = counts.sum()
+        return counts / counts.loc["total"] if normalize else counts
+
+    def __repr__(self) -> str:
+        labels = ", ".join(self.label_names[:8]) + (", ..." if self.num_labels > 8 else "")
+        splits = ", ".join(f"{s}={len(self.split(s))}" for s in SPLITS)
+        return f"Task({self.name!r}, {self.num_labels} labels: {labels}; {splits})"
+
+
+def load_task(name: str, seed: int = 0) -> Task:
+    """A built-in dataset (see DATASETS) as a Task; the split is fixed for a given seed."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    task = _build_task(name, seed)
+    # The cached Task must stay intact whatever the caller does with the frames it gets.
+    return dataclasses.replace(task, train=task.train.copy(), val=task.val.copy(), test=task.test.copy())
+
+
+def task_from_dataframe(
+    name: str,
+    df: pd.DataFrame,
+    label_names: Sequence[str] | None = None,
+    test: pd.DataFrame | None = None,
+    val_size: float = 0.1,
+    test_size: float = 0.1,
+    seed: int = 0,
+    description: str = "",
+) -> Task:
+    """A Task from your DataFrame with `text` and `label` columns, split stratified by label with `seed`.
+
+    Labels are str class names (sorted, unless `label_names` fixes their order) or ints 0..n-1 with
+    `label_names`. Sizes are fractions of `df`; with a `test` DataFrame only val is carved from `df`.
+    The `id` column of every split holds the row's index label in `df` (or `test`).
+    """
+    if label_names is not None:
+        label_names = _check_label_names(label_names)
+    data, label_names = _clean(df, label_names, "df")
+    if data["label"].nunique() < 2:
+        only = label_names[data["label"].iloc[0]]
+        raise ValueError(f"df: every row has the label {only!r}; a classification task needs at least two classes")
+    if test is None:
+        _check_fraction(val_size + test_size, "val_size + test_size")
+        n_val, n_test = _count(val_size, len(data), "val_size"), _count(test_size, len(data), "test_size")
+        _check_class_sizes(data, label_names, 3, "train/val/test")
+        rest, test_data = _stratified_split(data, n_test, seed, "test", label_names)
+        train, val = _stratified_split(rest, n_val, seed, "val", label_names)
+    else:
+        test_data, _ = _clean(test, label_names, "test")
+        n_val = _count(val_size, len(data), "val_size")
+        _check_class_sizes(data, label_names, 2, "train/val")
+        train, val = _stratified_split(data, n_val, seed, "val", label_names)
+    return Task(name, label_names, _finish(train), _finish(val), _finish(test_data), description)
+
+
+def _clean(df: pd.DataFrame, label_names: tuple[str, ...] | None, what: str) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """Check texts and labels; return a frame (id, text stripped, int label) and the label names."""
+    missing = [c for c in ("text", "label") if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{what} has no {' and no '.join(map(repr, missing))} column (it has {list(df.columns)}); expected a "
+            "'text' column of str and a 'label' column of str class names or int class ids with label_names"
+        )
+    if len(df) == 0:
+        raise ValueError(f"{what} has no rows")
+    texts, labels = df["text"], df["label"]
+    not_str = ~texts.map(lambda t: isinstance(t, str)).astype(bool)
+    if not_str.any():
+        raise ValueError(f"{what}: missing or non-str text in {_rows(not_str)} "
+                         f"(e.g. {texts[not_str].iloc[0]!r}); every text must be a non-empty str")
+    texts = texts.astype(str).str.strip()
+    empty = texts == ""
+    if empty.any():
+        raise ValueError(f"{what}: empty or whitespace-only text in {_rows(empty)}; every text must be a non-empty str")
+    no_label = labels.isna()
+    if no_label.any():
+        raise ValueError(f"{what}: missing label (None/NaN) in {_rows(no_label)}; every row needs a label")
+    codes, label_names = _encode_labels(labels, label_names, what)
+    data = pd.DataFrame({"id": df.index, "text": texts.to_numpy(), "label": codes.to_numpy()})
+    return data, label_names
+
+
+def _encode_labels(labels: pd.Series, label_names: tuple[str, ...] | None, what: str) -> tuple[pd.Series, tuple[str, ...]]:
+    """Map str labels to their index in label_names (sorted names if None); check int labels are in range."""
+    is_str = labels.map(lambda v: isinstance(v, str)).astype(bool)
+    is_int = labels.map(lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)).astype(bool)
+    accepted = "labels must be str class names, or int class ids 0..n-1 together with label_names"
+    other = ~(is_str | is_int)
+    if other.any():
+        example = labels[other].iloc[0]
+        example = example.item() if isinstance(example, np.generic) else example
+        raise ValueError(f"{what}: label neither str nor int in {_rows(other)} "
+                         f"(e.g. {example!r} of type {type(example).__name__}); {accepted} (float ids: use .astype(int))")
+    if is_str.any() and is_int.any():
+        raise ValueError(f"{what}: labels mix str and int, int labels in {_rows(is_int)}; {accepted}")
+    if is_str.all():
+        if label_names is None:
+            label_names = tuple(sorted(set(labels)))
+        unknown = ~labels.isin(label_names)
+        if unknown.any():
+            raise ValueError(f"{what}: labels {sorted(set(labels[unknown]))[:_MAX_ROWS_SHOWN]} in {_rows(unknown)} "
+                             f"are not among the label names {label_names}")
+        return labels.map({n: i for i, n in enumerate(label_names)}).astype("int64"), label_names
+    if label_names is None:
+        raise ValueError(f"{what}: int labels need label_names (the name of class 0, 1, ...); "
+                         "pass label_names=... or give the labels as str class names")
+    out = ~labels.map(lambda v: 0 <= v < len(label_names)).astype(bool)
+    if out.any():
+        raise ValueError(f"{what}: int labels {sorted(set(labels[out].tolist()))[:_MAX_ROWS_SHOWN]} in {_rows(out)} are "
+                         f"outside 0..{len(label_names) - 1}, the ids of label_names {label_names}")
+    return labels.astype("int64"), label_names
+
+
+def _check_label_names(label_names: Sequence[str]) -> tuple[str, ...]:
+    """label_names as a tuple of at least two distinct str."""
+    if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names):
+        raise ValueError(f"label_names must be a sequence of str, got {label_names!r}")
+    names = tuple(label_names)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"label_names must hold at least two distinct names, got {names}")
+    return names
+
+
+def _check_fraction(size: float, what: str) -> None:
+    """A split size must be a fraction strictly between 0 and 1."""
+    if not 0 < size < 1:
+        raise ValueError(f"{what} must be a fraction strictly between 0 and 1, got {size}")
+
+
+def _count(size: float, n: int, what: str) -> int:
+    """Rows a fraction `size` of n rows gives; at least one."""
+    _check_fraction(size, what)
+    count = round(size * n)
+    if count == 0:
+        raise ValueError(f"{what}={size} of {n} rows gives an empty split; use more rows or a larger {what}")
+    return count
+
+
+def _check_class_sizes(data: pd.DataFrame, label_names: tuple[str, ...], minimum: int, splits: str) -> None:
+    """Each class present needs `minimum` rows to appear on both sides of every stratified cut."""
+    counts = data["label"].value_counts()
+    small = counts[counts < minimum]
+    if len(small):
+        rows = data["label"].isin(small.index)
+        named = {label_names[i]: int(c) for i, c in small.items()}
+        raise ValueError(f"df: class(es) {named} in {_rows(rows)} are too small to stratify a {splits} split; "
+                         f"each class needs at least {minimum} rows. Add rows, or merge or drop the rare class(es)")
+
+
+def _stratified_split(data: pd.DataFrame, n_out: int, seed: int, what: str,
+                      label_names: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cut n_out rows off `data`, stratified by label; sklearn's limits turn into a readable error."""
+    try:
+        return train_test_split(data, test_size=n_out, stratify=data["label"], random_state=seed)
+    except ValueError as error:
+        counts = {label_names[i]: int(c) for i, c in data["label"].value_counts().sort_index().items()}
+        raise ValueError(f"cannot carve a stratified {what} set of {n_out} rows from {len(data)} rows with class "
+                         f"counts {counts}: {str(error).rstrip('.')}. Both sides need at least one row per class; "
+                         f"change val_size/test_size or add rows") from None
+
+
+def _finish(split: pd.DataFrame) -> pd.DataFrame:
+    """Back in original row order, index 0..n-1."""
+    return split.sort_index().reset_index(drop=True)
+
+
+def _rows(mask: pd.Series) -> str:
+    """'3 rows (index 4, 7, 9)', naming at most the first ten index labels."""
+    index = mask.index[mask.to_numpy()].tolist()
+    shown = ", ".join(map(repr, index[:_MAX_ROWS_SHOWN]))
+    more = f" and {len(index) - _MAX_ROWS_SHOWN} more" if len(index) > _MAX_ROWS_SHOWN else ""
+    return f"{len(index)} row{'s' if len(index) != 1 else ''} (index {shown}{more})"
+
+
+@functools.lru_cache(maxsize=None)
+def _read_raw(name: str) -> pd.DataFrame:
+    """The verified data file of a built-in dataset as read from its package (shared: never modify)."""
+    path = asset_path(name)
+    if name == "trec":
+        # First column is an unnamed row index 0..5951; some questions are quoted because they hold commas.
+        raw = pd.read_csv(path, index_col=0, encoding="utf-8", keep_default_na=False, dtype={"text": str})
+    else:
+        # Tab-separated with unbalanced '"' inside texts: default quoting swallows rows (amazon 3546, nyt 5183).
+        raw = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8", index_col="id",
+                          keep_default_na=False, dtype={"id": str, "text": str, "sentiment": float})
+    if len(raw) != _RAW_ROWS[name]:
+        raise RuntimeError(f"{name!r}: parsed {len(raw)} rows from {path.name}, expected {_RAW_ROWS[name]}")
+    return raw
+
+
+@functools.lru_cache(maxsize=32)
+def _build_task(name: str, seed: int) -> Task:
+    """The Task of a built-in dataset (shared: load_task hands out copies)."""
+    raw = _read_raw(name)
+    if name == "trec":
+        df = raw.rename(columns={"label-coarse": "label"})[["text", "label"]]
+        return task_from_dataframe(name, df.iloc[:TREC_TRAIN_ROWS], TREC_LABELS, test=df.iloc[TREC_TRAIN_ROWS:],
+                                   val_size=0.1, seed=seed, description=DATASETS[name])
+    rated = raw[raw["sentiment"] != 0]
+    df = pd.DataFrame({"text": rated["text"], "label": (rated["sentiment"] > 0).astype("int64")})
+    return task_from_dataframe(name, df, SENTIMENT_LABELS, val_size=0.1, test_size=0.1, seed=seed,
+                               description=DATASETS[name])
