@@ -19,7 +19,7 @@ TREC_LABELS = ("DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC")  # label-coarse 0..5
 SENTIMENT_LABELS = ("negative", "positive")
 TREC_TRAIN_ROWS = 5452  # rows 0..5451 of trec.csv are the official train set, the rest the 500-question test set
 
-_HUTTO = "sign of the mean of 20 human ratings (Hutto & Gilbert 2014), rows rated exactly 0 dropped; stratified 80/10/10"
+_HUTTO = "label = sign of the mean human rating (Hutto & Gilbert 2014), rows rated exactly 0 dropped; stratified 80/10/10"
 DATASETS: dict[str, str] = {
     "trec": "Task A: TREC-6 coarse question type (Li & Roth 2002); official train/test, val = stratified 10% of train",
     "movies": f"Task B: Rotten Tomatoes movie-review sentences, {_HUTTO}",

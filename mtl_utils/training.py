@@ -164,13 +164,23 @@ def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
             "loss": loss}
 
 
+def split_probabilities(model: MultiTaskModel, task, split: str = "val", use_cache: bool = True,
+                        progress: bool = False) -> np.ndarray:
+    """Class probabilities of one task for every sentence of one split."""
+    frame = task.split(split)
+    source = sentence_source(model, frame["text"].tolist(), use_cache, progress)
+    return predict_source(model, task.name, source, len(frame))
+
+
+def predicted_labels(model: MultiTaskModel, task, split: str = "test") -> np.ndarray:
+    """Predicted label ids of one task on one split (the test split unless told otherwise)."""
+    return split_probabilities(model, task, split).argmax(-1)
+
+
 def evaluate(model: MultiTaskModel, task, split: str = "val", use_cache: bool = True,
              progress: bool = False) -> dict[str, float]:
     """Accuracy, macro-F1 and loss of one task on one split."""
-    frame = task.split(split) if hasattr(task, "split") else getattr(task, split)
-    source = sentence_source(model, frame["text"].tolist(), use_cache, progress)
-    probs = predict_source(model, task.name, source, len(frame))
-    return scores(frame["label"].to_numpy(), probs)
+    return scores(task.split(split)["label"].to_numpy(), split_probabilities(model, task, split, use_cache, progress))
 
 
 def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd.DataFrame:
@@ -221,12 +231,14 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd
     if config.evaluate_first:
         best_score = validate(0, {}, 0.0)
     stale = 0
+    bar = tqdm(total=config.epochs * steps, desc="training", disable=not config.progress)
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
         losses: dict[str, list[float]] = {n: [] for n in train_names}
         plan = task_schedule(sizes, steps, config.sampling, config.temperature, rng)
-        for name in tqdm(plan, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False):
+        bar.set_description(f"epoch {epoch}/{config.epochs}")
+        for name in plan:
             idx = next(streams[name])
             logits = model(name, train_src[name](idx))
             loss = F.cross_entropy(logits, labels[name][torch.as_tensor(idx)].to(logits.device))
@@ -237,13 +249,16 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd
             optimizer.step()
             scheduler.step()
             losses[name].append(loss.item())
+            bar.update()
         score = validate(epoch, losses, time.perf_counter() - start)
+        bar.set_postfix({f"val {config.metric}": f"{score:.3f}"})
         if score > best_score:
             best_score, best_epoch, best_state, stale = score, epoch, snapshot(), 0
         else:
             stale += 1
             if config.patience is not None and stale >= config.patience:
                 break
+    bar.close()
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in best_state.items():

@@ -1,0 +1,51 @@
+# Two commands do everything: `make run` (execute the notebooks) and `make test` (unit tests + notebooks under nbval).
+# Both create .venv and install everything on first use, and do nothing extra the second time.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+export MTL_UTILS_CACHE ?= $(CURDIR)/.cache
+export MTL_UTILS_RESULTS ?= $(CURDIR)/results
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TOKENIZERS_PARALLELISM := false
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: venv run test unit lab bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-assets.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	@for nb in $(NOTEBOOKS); do \
+		echo "== $$nb"; start=$$(date +%s); \
+		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+		echo "   $$(( $$(date +%s) - start )) s"; \
+	done
+	@echo "figures and tables: $(notdir $(MTL_UTILS_RESULTS))/"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env --durations=12
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .cache results .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

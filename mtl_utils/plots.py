@@ -1,0 +1,74 @@
+"""The few plot helpers the notebooks share; every figure has a fixed size."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
+
+
+def similarity_heatmap(similarity: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
+    """A cosine-similarity matrix with its sentences as row and column labels."""
+    fig, ax = plt.subplots(figsize=(9, 7.5))
+    image = ax.imshow(similarity, cmap="viridis", vmin=min(0.0, float(similarity.min())), vmax=1.0)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{similarity[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if similarity[i, j] < 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="cosine similarity")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def projection(points: Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str]]], title: str = "") -> Figure:
+    """Side-by-side 2-D scatter plots, one per task: name -> (xy points, integer labels, label names)."""
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 5), squeeze=False)
+    for ax, (name, (xy, labels, names)) in zip(axes[0], points.items()):
+        for k, label in enumerate(names):
+            mask = labels == k
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=6, alpha=0.6, label=f"{label} ({mask.sum()})")
+        ax.set_title(name)
+        ax.legend(markerscale=3, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: pd.DataFrame, metrics: Sequence[str] = ("val_accuracy", "train_loss", "val_loss"),
+                    title: str = "") -> Figure:
+    """One panel per metric, one line per task, the best epoch marked."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    best = history.attrs.get("best_epoch")
+    for ax, metric in zip(axes[0], metrics):
+        for task, rows in history.groupby("task", sort=False):
+            ax.plot(rows["epoch"], rows[metric], marker="o", ms=3, label=task)
+        if best is not None:
+            ax.axvline(best, color="grey", ls=":", lw=1, label=f"best epoch ({best})")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrices(results: Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str]]], title: str = "") -> Figure:
+    """Row-normalised confusion matrices, one per task: name -> (true labels, predicted labels, label names)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.8), squeeze=False)
+    for ax, (name, (true, pred, names)) in zip(axes[0], results.items()):
+        ConfusionMatrixDisplay.from_predictions(true, pred, labels=range(len(names)), display_labels=names,
+                                                normalize="true", values_format=".2f", ax=ax, colorbar=False)
+        ax.set_title(name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
