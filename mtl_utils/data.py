@@ -63,6 +63,15 @@ class Task:
         counts.loc["total"] = counts.sum()
         return counts / counts.loc["total"] if normalize else counts
 
+    def with_train_sample(self, n: int, seed: int = 0) -> Task:
+        """The same task with a fixed, stratified sample of `n` training rows (validation and test unchanged)."""
+        if not 0 < n <= len(self.train):
+            raise ValueError(f"n must be from 1 to the {len(self.train)} training rows of {self.name!r}; got {n}")
+        if n == len(self.train):
+            return self
+        _, sample = _stratified_split(self.train, n, seed, "training sample", self.label_names)
+        return dataclasses.replace(self, train=_finish(sample))
+
     def __repr__(self) -> str:
         labels = ", ".join(self.label_names[:8]) + (", ..." if self.num_labels > 8 else "")
         splits = ", ".join(f"{s}={len(self.split(s))}" for s in SPLITS)

@@ -49,30 +49,65 @@ def _backbone_key(backbone: SentenceTransformer, modules: Sequence[torch.nn.Modu
     return fingerprint(tensors, backbone.max_seq_length)
 
 
-def _tokenize(backbone: SentenceTransformer, texts: list[str], batch_size: int = 256) -> list[dict[str, torch.Tensor]]:
-    """Tokenise every text once, unpadded: one dict of 1-D tensors per text."""
-    out = []
+class Packed:
+    """Variable-length rows stored end to end in one tensor, cut at `offsets`; `pad` gathers a padded batch.
+
+    One tensor instead of one per sentence: far fewer objects to keep in memory, and a padded batch is a
+    single index operation rather than a Python loop of row copies.
+    """
+
+    def __init__(self, data: torch.Tensor, lengths: np.ndarray) -> None:
+        self.data = data  # (sum of lengths, *feature shape)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(self.lengths)])[:-1].astype(np.int64))
+        self._lengths = torch.from_numpy(self.lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row(self, i: int) -> torch.Tensor:
+        start = int(self.offsets[i])
+        return self.data[start:start + int(self.lengths[i])]
+
+    def pad(self, idx: Sequence[int], fill: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `idx` right-padded with `fill` to the longest of them, and the boolean mask of real positions."""
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        lengths = self._lengths[idx]
+        positions = torch.arange(int(lengths.max()))
+        mask = positions < lengths[:, None]
+        gather = torch.where(mask, self.offsets[idx][:, None] + positions, 0)
+        out = self.data[gather.reshape(-1)].reshape(*gather.shape, *self.data.shape[1:])
+        fill_mask = ~mask if out.dim() == 2 else ~mask[..., None]
+        return out.masked_fill_(fill_mask, fill), mask
+
+
+def _tokenize(backbone: SentenceTransformer, texts: list[str], batch_size: int = 256) -> dict[str, Packed]:
+    """Tokenise every text once, unpadded: per feature (input_ids, attention_mask, ...) all texts end to end."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    lengths = []
     for start in range(0, len(texts), batch_size):
         features = backbone.preprocess(texts[start:start + batch_size])
-        mask = features["attention_mask"]
-        tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
-        for row in range(mask.shape[0]):
-            n = int(mask[row].sum())
-            out.append({k: v[row, :n].clone() for k, v in tensors.items()})
-    return out
+        mask = features["attention_mask"].bool()
+        lengths.append(mask.sum(1))
+        for key, value in features.items():
+            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                parts.setdefault(key, []).append(value[mask])  # row by row, real tokens only (right padding)
+    if not texts:
+        return {"input_ids": Packed(torch.zeros(0, dtype=torch.long), np.zeros(0, dtype=np.int64))}
+    n = torch.cat(lengths).numpy()
+    return {key: Packed(torch.cat(chunks), n) for key, chunks in parts.items()}
 
 
-def _pad(tokens: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad unpadded token dicts to the longest one, as the tokenizer would (right padding)."""
-    longest = max(len(t["input_ids"]) for t in tokens)
-    batch = {}
-    for key in tokens[0]:
-        fill = pad_id if key == "input_ids" else 0
-        padded = torch.full((len(tokens), longest), fill, dtype=tokens[0][key].dtype)
-        for row, t in enumerate(tokens):
-            padded[row, :len(t[key])] = t[key]
-        batch[key] = padded
-    return batch
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; afterwards every submodule gets back its own mode (frozen parts stay in eval)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @torch.no_grad()
@@ -91,16 +126,16 @@ def cached_embeddings(backbone: SentenceTransformer, texts: Sequence[str], batch
                     return stored
             except Exception:  # a corrupt entry is rebuilt, never used
                 pass
-        was_training = backbone.training
-        backbone.eval()
         order = length_order([len(t) for t in texts])
         out = torch.empty(len(texts), backbone.get_embedding_dimension())
-        for start in tqdm(range(0, len(texts), batch_size), desc="encoding (cached after)", disable=not progress):
-            idx = order[start:start + batch_size]
-            features = backbone.preprocess([texts[i] for i in idx])
-            features = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-            out[torch.as_tensor(idx)] = backbone(features)["sentence_embedding"].float().cpu()
-        backbone.train(was_training)
+        with _eval_mode(backbone):
+            for start in tqdm(range(0, len(texts), batch_size), desc="encoding (cached after)",
+                              disable=not progress):
+                idx = order[start:start + batch_size]
+                features = backbone.preprocess([texts[i] for i in idx])
+                features = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v
+                            for k, v in features.items()}
+                out[torch.as_tensor(idx)] = backbone(features)["sentence_embedding"].float().cpu()
         if disk:
             with atomic_path(path) as tmp:
                 save_file({"embeddings": out.contiguous()}, str(tmp))
@@ -114,21 +149,25 @@ def run_layers(backbone: SentenceTransformer, start: int, stop: int | None = Non
                hidden: torch.Tensor | None = None) -> Iterator[None]:
     """Within the block, the backbone runs only transformer layers [start:stop].
 
-    With `hidden`, the embeddings' output is replaced by these cached hidden states, so the
-    backbone's own mask handling, pooling and normalisation run unchanged on top of them.
+    With `hidden`, the embeddings module is not run at all: these cached hidden states stand in for
+    its output, so the backbone's own mask handling, pooling and normalisation run unchanged on top of them.
     """
     auto = backbone[0].auto_model
     layers = auto.encoder.layer
-    handle = None
+    embeddings = auto.embeddings
+    shadowed = embeddings.__dict__.get("forward")
     auto.encoder.layer = layers[start:stop]
     if hidden is not None:
-        handle = auto.embeddings.register_forward_hook(lambda module, args, output: hidden)
+        # an instance attribute shadows the class's forward; forward hooks registered elsewhere still run
+        embeddings.forward = lambda *args, **kwargs: hidden
     try:
         yield
     finally:
         auto.encoder.layer = layers
-        if handle is not None:
-            handle.remove()
+        if hidden is not None:
+            del embeddings.forward
+            if shadowed is not None:
+                embeddings.forward = shadowed
 
 
 class FullForward:
@@ -137,11 +176,13 @@ class FullForward:
     def __init__(self, model: MultiTaskModel, texts: Sequence[str]) -> None:
         self.model = model
         self.tokens = _tokenize(model.backbone, check_texts(texts))
-        self.lengths = np.array([len(t["input_ids"]) for t in self.tokens])
+        self.lengths = self.tokens["input_ids"].lengths
         self.pad_id = model.backbone.tokenizer.pad_token_id or 0
 
     def batch_features(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        batch = _pad([self.tokens[i] for i in idx], self.pad_id)
+        """The texts at `idx` tokenised and right-padded to the longest of them, as the tokenizer pads."""
+        batch = {key: packed.pad(idx, self.pad_id if key == "input_ids" else 0)[0]
+                 for key, packed in self.tokens.items()}
         return {k: v.to(self.model.device) for k, v in batch.items()}
 
     def __call__(self, idx: Sequence[int]) -> torch.Tensor:
@@ -150,7 +191,11 @@ class FullForward:
 
 
 class CachedPrefix(FullForward):
-    """The frozen embeddings and bottom layers ran once per text; each batch runs only the layers that train."""
+    """The frozen embeddings and bottom layers ran once per text; each batch runs only the layers that train.
+
+    The cached hidden states of all texts are stored end to end in one tensor (`Packed`), so a batch is one
+    gather; the embeddings module and the frozen layers never run during training.
+    """
 
     def __init__(self, model: MultiTaskModel, texts: Sequence[str], frozen_layers: int, progress: bool = True,
                  batch_size: int = 64) -> None:
@@ -159,31 +204,32 @@ class CachedPrefix(FullForward):
         stages = freezing.backbone_stages(model)[: frozen_layers + 1]
         key = (f"prefix-{_backbone_key(model.backbone, [m for _, mods in stages for m in mods])}"
                f"-{frozen_layers}-{texts_key([*texts])}")
-        self.states = _remember(key, lambda: self._compute(progress, batch_size))
+        self.states: Packed = _remember(key, lambda: self._compute(progress, batch_size))
 
     @torch.no_grad()
-    def _compute(self, progress: bool, batch_size: int) -> list[torch.Tensor]:
+    def _compute(self, progress: bool, batch_size: int) -> Packed:
         backbone = self.model.backbone
-        was_training = backbone.training
-        backbone.eval()
-        states: list[torch.Tensor | None] = [None] * len(self.tokens)
+        offsets = self.tokens["input_ids"].offsets
+        states: torch.Tensor | None = None
         order = length_order(self.lengths)
-        with run_layers(backbone, 0, self.frozen_layers):
+        with _eval_mode(backbone), run_layers(backbone, 0, self.frozen_layers):
             for start in tqdm(range(0, len(order), batch_size), desc=f"caching {self.frozen_layers} frozen layers",
                               disable=not progress):
                 idx = order[start:start + batch_size]
-                hidden = backbone[0](self.batch_features(idx))["token_embeddings"].cpu()
-                for row, i in enumerate(idx):
-                    states[i] = hidden[row, : self.lengths[i]].clone()
-        backbone.train(was_training)
-        return states  # type: ignore[return-value]
+                features = self.batch_features(idx)
+                hidden = backbone[0](features)["token_embeddings"].cpu()
+                if states is None:
+                    states = hidden.new_empty(int(self.lengths.sum()), hidden.shape[-1])
+                mask = features["attention_mask"].cpu().bool()
+                where = offsets[torch.as_tensor(idx)][:, None] + torch.arange(mask.shape[1])
+                states[where[mask]] = hidden[mask]
+        if states is None:  # no texts
+            states = torch.zeros(0, backbone[0].auto_model.config.hidden_size)
+        return Packed(states, self.lengths)
 
     def __call__(self, idx: Sequence[int]) -> torch.Tensor:
         features = self.batch_features(idx)
-        longest = features["input_ids"].shape[1]
-        hidden = torch.zeros(len(idx), longest, self.states[idx[0]].shape[-1])
-        for row, i in enumerate(idx):
-            hidden[row, : self.lengths[i]] = self.states[i]
+        hidden, _ = self.states.pad(idx)
         with run_layers(self.model.backbone, self.frozen_layers, None, hidden.to(self.model.device)):
             return self.model.sentence_embeddings(features)
 

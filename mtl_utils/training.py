@@ -1,4 +1,9 @@
-"""The multi-task training loop, in plain PyTorch: one task per batch, AdamW, warm-up then decay, best epoch kept."""
+"""The multi-task training loop, in plain PyTorch: one task per batch, AdamW, warm-up then decay, best epoch kept.
+
+It runs through Hugging Face Accelerate, so the same loop trains in one CPU process (a notebook) or in
+several processes under `accelerate launch` / `torchrun`: every process follows the same seeded plan of
+tasks and batches, takes its share of each global batch, and DDP averages the gradients.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 
@@ -125,6 +132,19 @@ def lr_lambda(total_steps: int, warmup: float, schedule: str):
     return factor
 
 
+def make_accelerator(mixed_precision: str | None = None, cpu: bool = False) -> Accelerator:
+    """An Accelerator for `train`: DDP is told that each step uses one head, so the others get no gradient."""
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _check_accelerator(accelerator: Accelerator) -> Accelerator:
+    if accelerator.num_processes > 1 and not getattr(accelerator.ddp_handler, "find_unused_parameters", False):
+        raise ValueError("each training step uses one task's head, so DDP needs find_unused_parameters=True: "
+                         "create the accelerator with mtl_utils.training.make_accelerator()")
+    return accelerator
+
+
 def _check_tasks(model: MultiTaskModel, tasks) -> dict:
     tasks = {t.name: t for t in tasks} if not isinstance(tasks, Mapping) else dict(tasks)
     for name, task in tasks.items():
@@ -183,9 +203,15 @@ def evaluate(model: MultiTaskModel, task, split: str = "val", use_cache: bool = 
     return scores(task.split(split)["label"].to_numpy(), split_probabilities(model, task, split, use_cache, progress))
 
 
-def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd.DataFrame:
-    """Train `model` on `tasks` (Task objects); returns the history; the best epoch's weights are restored."""
+def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None,
+          accelerator: Accelerator | None = None) -> pd.DataFrame:
+    """Train `model` on `tasks` (Task objects); returns the history; the best epoch's weights are restored.
+
+    The model trains on its own device. Under `accelerate launch` or `torchrun`, put it on
+    `accelerator.device` first: each process then trains on its share of every global batch.
+    """
     config = config or TrainConfig()
+    accelerator = _check_accelerator(accelerator or make_accelerator())
     tasks = _check_tasks(model, tasks)
     train_names = list(config.train_tasks or tasks)
     select_on = list(config.select_on or train_names)
@@ -195,21 +221,28 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd
     groups = optimizer_groups(model, config)
     trainable = {id(p) for g in groups for p in g["params"]}
     model.tuned_backbone |= {n for n, p in model.backbone.named_parameters() if id(p) in trainable}
+    # the model trains on the device it is on; with several processes DDP wraps it (and averages gradients)
+    ddp_model = accelerator.prepare_model(model, device_placement=False)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    progress = config.progress and accelerator.is_main_process
 
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed)  # the same on every process: same tasks, same global batches
     model.train()
-    train_src = {n: sentence_source(model, tasks[n].train["text"].tolist(), config.use_cache, config.progress)
-                 for n in train_names}
-    val_src = {n: sentence_source(model, t.val["text"].tolist(), config.use_cache, config.progress)
-               for n, t in tasks.items()}
+    # the first process computes (and writes the embedding cache), then the others read it from disk;
+    # the frozen-prefix cache lives in memory, so each process computes its own
+    with accelerator.main_process_first():
+        train_src = {n: sentence_source(model, tasks[n].train["text"].tolist(), config.use_cache, progress)
+                     for n in train_names}
+        val_src = {n: sentence_source(model, t.val["text"].tolist(), config.use_cache, progress)
+                   for n, t in tasks.items()}
     labels = {n: torch.tensor(tasks[n].train["label"].to_numpy()) for n in train_names}
     streams = {n: _stream(np.asarray(train_src[n].lengths), config.batch_size, rng, config.group_by_length)
                for n in train_names}
     sizes = {n: len(tasks[n].train) for n in train_names}
     steps = sum(math.ceil(s / config.batch_size) for s in sizes.values())
 
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    optimizer = accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.epochs * steps, config.warmup, config.schedule))
 
@@ -221,7 +254,8 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd
                             "train_loss": float(np.mean(losses[name])) if losses.get(name) else float("nan"),
                             "val_loss": s["loss"], "val_accuracy": s["accuracy"], "val_f1_macro": s["f1_macro"],
                             "seconds": seconds})
-        return float(np.mean([r[f"val_{config.metric}"] for r in history[-len(tasks):] if r["task"] in select_on]))
+        score = float(np.mean([r[f"val_{config.metric}"] for r in history[-len(tasks):] if r["task"] in select_on]))
+        return broadcast_object_list([score])[0]  # every process keeps the first one's best epoch and stops with it
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in trainable}
@@ -231,7 +265,7 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd
     if config.evaluate_first:
         best_score = validate(0, {}, 0.0)
     stale = 0
-    bar = tqdm(total=config.epochs * steps, desc="training", disable=not config.progress)
+    bar = tqdm(total=config.epochs * steps, desc="training", disable=not progress)
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -239,16 +273,22 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd
         plan = task_schedule(sizes, steps, config.sampling, config.temperature, rng)
         bar.set_description(f"epoch {epoch}/{config.epochs}")
         for name in plan:
-            idx = next(streams[name])
-            logits = model(name, train_src[name](idx))
-            loss = F.cross_entropy(logits, labels[name][torch.as_tensor(idx)].to(logits.device))
+            idx = next(streams[name])  # the global batch; this process takes every world-th example of it
+            part = idx[rank::world]
+            share = len(part) / len(idx)
+            if not len(part):  # fewer examples than processes: run one at zero weight, so DDP still syncs
+                part = idx[:1]
+            with accelerator.autocast():
+                logits = ddp_model(name, train_src[name](part))
+                loss = F.cross_entropy(logits, labels[name][torch.as_tensor(part)].to(logits.device))
             optimizer.zero_grad(set_to_none=True)
-            (config.loss_weights.get(name, 1.0) * loss).backward()
+            # DDP averages the processes' gradients; weighting each by share * world makes that the global mean
+            accelerator.backward(config.loss_weights.get(name, 1.0) * loss * (share * world))
             if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
+                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses[name].append(loss.item())
+            losses[name].append(accelerator.reduce(loss.detach() * share, "sum").item())  # the global batch's loss
             bar.update()
         score = validate(epoch, losses, time.perf_counter() - start)
         bar.set_postfix({f"val {config.metric}": f"{score:.3f}"})
@@ -263,6 +303,7 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None) -> pd
         params = dict(model.named_parameters())
         for name, value in best_state.items():
             params[name].copy_(value)
+    accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # drops any mixed-precision wrapper on forward
     model.eval()
     table = pd.DataFrame(history)
     table["best"] = table["epoch"] == best_epoch

