@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv run test unit lab bench clean
+.PHONY: venv run test unit lab bench bench-notebooks clean
 
 venv: $(STAMP)
 
@@ -43,8 +43,13 @@ unit: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
+# speed: what the caches and the shared backbone buy (a few minutes); tables also in results/benchmarks/
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# every notebook's wall time and peak memory, and the whole `make test` (several minutes more)
+bench-notebooks: $(STAMP)
+	$(PY) -m benchmarks notebooks
 
 clean:
 	rm -rf $(VENV) .cache results .pytest_cache

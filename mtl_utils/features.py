@@ -77,8 +77,8 @@ class Packed:
         mask = positions < lengths[:, None]
         gather = torch.where(mask, self.offsets[idx][:, None] + positions, 0)
         out = self.data[gather.reshape(-1)].reshape(*gather.shape, *self.data.shape[1:])
-        fill_mask = ~mask if out.dim() == 2 else ~mask[..., None]
-        return out.masked_fill_(fill_mask, fill), mask
+        padding = ~mask.reshape(*mask.shape, *[1] * (out.dim() - 2))
+        return out.masked_fill_(padding, fill), mask
 
 
 def _tokenize(backbone: SentenceTransformer, texts: list[str], batch_size: int = 256) -> dict[str, Packed]:

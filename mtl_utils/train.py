@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     parser = argparse.ArgumentParser(
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a multi-task model (one shared sentence-transformer backbone, one head per task) and "
-                    "write its checkpoint, its history and its metrics. Runs as is in one process, or under "
-                    "`accelerate launch` / `torchrun` in several: --batch-size is then the global batch.")
+        description="Train a multi-task model (one shared sentence-transformer backbone, one head per task)\n"
+                    "and write its checkpoint, its history and its metrics. Runs as is in one process, or\n"
+                    "under `accelerate launch` / `torchrun` in several: --batch-size is then the global batch.")
     data = parser.add_argument_group("model and data")
     data.add_argument("--backbone", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH",
                       help="a known backbone name (see mtl_utils.BACKBONES), a hub id, or a local "
@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
 
     what = parser.add_argument_group("what trains")
-    scenarios = "; ".join(f"{name}: {text}" for name, text in freezing.SCENARIOS.items())
     what.add_argument("--freeze", choices=list(freezing.SCENARIOS), default="backbone",
-                      help=f"freeze scenario ({scenarios}) (default: %(default)s)")
+                      help="what is frozen: everything (nothing trains), the backbone (the heads train), one head "
+                           "(--frozen-head; the rest trains) or nothing (default: %(default)s)")
     what.add_argument("--frozen-head", metavar="TASK", help="the task whose head stays frozen, with --freeze head")
     what.add_argument("--unfreeze-last", type=int, metavar="K",
                       help="after --freeze, exactly the backbone's last K transformer layers train")

@@ -226,7 +226,7 @@ def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None,
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = config.progress and accelerator.is_main_process
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + rank)  # dropout: each process draws its own masks for its own examples
     rng = np.random.default_rng(config.seed)  # the same on every process: same tasks, same global batches
     model.train()
     # the first process computes (and writes the embedding cache), then the others read it from disk;

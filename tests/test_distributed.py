@@ -1,0 +1,257 @@
+"""The command line (`python -m mtl_utils.train`), and the same training in two CPU processes (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+
+from mtl_utils import features
+from mtl_utils.checkpoint import load_checkpoint
+from mtl_utils.train import build_parser, load_tasks, main, parse_args, train_config
+from mtl_utils.training import TrainConfig, evaluate
+
+WORDS = "the a movie film plot actor story scene was is very quite rather".split()
+
+# Two processes sum each batch in another order than one (each averages its part, then DDP averages the
+# parts), so gradients differ in the last float32 bits. After the 66 Adam steps below, weights, losses and
+# scores stay within 1.5e-7 of the one-process run (measured); 1e-5 leaves room for other CPUs' kernels and
+# still catches a wrong split: averaging the 4- and 3-example parts of a batch of 7 unweighted moves the
+# weights by far more (checked by breaking the weighting on purpose).
+TOLERANCE = 1e-5
+
+# Counts this process's backbone forward passes, then runs the command line unchanged.
+SPY = '''
+import json, os, sys
+from sentence_transformers import SentenceTransformer
+from mtl_utils.train import main
+
+calls = []
+forward = SentenceTransformer.forward
+SentenceTransformer.forward = lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
+main(sys.argv[1:])
+with open(f"backbone_calls.{os.environ['RANK']}.json", "w") as f:
+    json.dump(len(calls), f)
+'''
+
+
+def write_task_csv(path: Path, cues: list[str], n: int, seed: int) -> None:
+    """Filler-word sentences with one cue word that decides the label, as a text,label CSV."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        words = list(rng.choice(WORDS, rng.integers(3, 12)))
+        words.insert(int(rng.integers(0, len(words))), cues[i % len(cues)])
+        rows.append({"text": " ".join(words), "label": cues[i % len(cues)]})
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_backbone_dir) -> Path:
+    """The tiny backbone without dropout, and two CSV tasks: topic (150 rows) and mood (131 rows)."""
+    folder = tmp_path_factory.mktemp("cli")
+    # dropout draws other masks when a batch is split over processes: without it, runs can agree exactly
+    shutil.copytree(tiny_backbone_dir, folder / "backbone")
+    config_file = folder / "backbone" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config_file.write_text(json.dumps(config))
+    write_task_csv(folder / "topic.csv", ["what", "who", "where"], 150, seed=0)
+    write_task_csv(folder / "mood.csv", ["good", "bad"], 131, seed=1)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one state per process (device, precision); reset it, as Accelerate's own tests do."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+WHAT_TRAINS = {"heads": [], "last layer": ["--unfreeze-last", "1"]}
+
+
+def cli_args(workdir: Path, output: str, *extra: str) -> list[str]:
+    # 120 topic and 105 mood training rows in batches of 7: parts of 4 and 3 examples on two processes,
+    # and each topic epoch ends with a batch of 1, so the second process runs one example at zero weight
+    return ["--backbone", str(workdir / "backbone"), "--task", f"topic={workdir / 'topic.csv'}",
+            "--task", f"mood={workdir / 'mood.csv'}", "--epochs", "2", "--batch-size", "7", "--head-lr", "0.05",
+            "--backbone-lr", "3e-3", "--cpu", "--no-progress", "--output", output, *extra]
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir, tmp_path_factory):
+    """Runs the command line in this process (once per setting, shared): its folder, metrics and printout."""
+    runs = {}
+
+    def run(what_trains: str) -> tuple[Path, dict, str]:
+        if what_trains not in runs:
+            folder = tmp_path_factory.mktemp("one")
+            with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as printed:
+                mp.chdir(folder)
+                mp.setenv("MTL_UTILS_CACHE", str(folder / "cache"))
+                metrics = main(cli_args(workdir, "run", *WHAT_TRAINS[what_trains]))
+            runs[what_trains] = folder, metrics, printed.getvalue()
+        return runs[what_trains]
+
+    return run
+
+
+def test_help_documents_every_option(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert {"--backbone", "--task", "--freeze", "--frozen-head", "--unfreeze-last", "--unfreeze-embeddings", "--head",
+            "--epochs", "--batch-size", "--head-lr", "--backbone-lr", "--layer-lr-decay", "--sampling", "--seed",
+            "--mixed-precision", "--output", "--no-progress"} <= flags
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+        assert all(flag in text for flag in action.option_strings)
+    assert "torchrun" in text and "accelerate launch" in text
+
+
+def test_parse_args_defaults_and_errors(capsys):
+    args = parse_args(["--output", "out"])
+    assert args.tasks == ["trec", "movies"] and args.freeze == "backbone" and args.mixed_precision == "no"
+    assert train_config(args) == TrainConfig(progress=True)  # the command line's defaults are the library's
+    config = train_config(parse_args(["--output", "out", "--max-grad-norm", "0", "--no-cache", "--layer-lr-decay",
+                                      "2.6", "--sampling", "temperature", "--no-progress"]))
+    assert config.max_grad_norm is None and not config.use_cache and config.layer_lr_decay == 2.6
+    assert config.sampling == "temperature" and not config.progress
+    for argv, message in ((["--freeze", "head"], "--frozen-head"), (["--frozen-head", "trec"], "--frozen-head"),
+                          (["--unfreeze-embeddings"], "--unfreeze-last"), (["--freeze", "all"], "invalid choice"),
+                          (["--epochs", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as stop:
+            parse_args([*argv, "--output", "out"])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "--output" in capsys.readouterr().err
+
+
+def test_load_tasks_from_csv(workdir, tmp_path):
+    topic, mood = load_tasks([f"topic={workdir / 'topic.csv'}", f"mood={workdir / 'mood.csv'}"])
+    assert topic.label_names == ("what", "where", "who") and mood.label_names == ("bad", "good")
+    assert (len(topic.train), len(topic.val), len(topic.test)) == (120, 15, 15)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,category\nhello,a\n")
+    with pytest.raises(ValueError, match="no 'label' column"):
+        load_tasks([f"bad={bad}"])
+    with pytest.raises(ValueError, match="unknown task 'imdb'.*trec, movies"):
+        load_tasks(["imdb"])
+    with pytest.raises(ValueError, match="must differ"):
+        load_tasks([f"t={workdir / 'mood.csv'}", f"t={workdir / 'mood.csv'}"])
+
+
+def test_single_process_run_writes_checkpoint_history_and_metrics(workdir, one_process, monkeypatch):
+    folder, metrics, printed = one_process("last layer")
+    monkeypatch.chdir(folder)
+    assert "wrote run/checkpoint/, run/history.csv and run/metrics.json" in printed
+    assert str(folder) not in printed  # paths are shown relative to the working folder
+
+    saved = json.loads(Path("run/metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["world_size"] == 1 and saved["device"] == "cpu" and saved["mixed_precision"] == "no"
+    assert saved["tasks"]["topic"] == {"labels": ["what", "where", "who"], "train": 120, "val": 15, "test": 15}
+    assert saved["config"]["train"]["batch_size"] == 7 and saved["config"]["command_line"]["unfreeze_last"] == 1
+    assert saved["elapsed_seconds"] > 0 and saved["trainable_parameters"] > 0
+    history = pd.read_csv("run/history.csv")
+    assert list(history.columns) == ["epoch", "task", "train_loss", "val_loss", "val_accuracy", "val_f1_macro",
+                                     "seconds", "best"]
+    best = history[history.best].set_index("task")
+    assert (best.epoch == saved["best_epoch"]).all()
+    for task in ("topic", "mood"):  # the best epoch's weights were kept: its validation scores are the final ones
+        assert saved["val"][task]["accuracy"] == pytest.approx(best.loc[task, "val_accuracy"])
+        assert set(saved["test"][task]) == {"accuracy", "f1_macro", "loss"}
+
+    # the checkpoint loads onto the backbone and scores the test set as the run reported
+    model = load_checkpoint("run/checkpoint", backbone=SentenceTransformer(str(workdir / "backbone"), device="cpu"))
+    assert model.tuned_backbone and all(n.startswith("0.model.encoder.layer.2.") for n in model.tuned_backbone)
+    for task in load_tasks([f"topic={workdir / 'topic.csv'}", f"mood={workdir / 'mood.csv'}"]):
+        assert evaluate(model, task, "test")["accuracy"] == pytest.approx(saved["test"][task.name]["accuracy"])
+
+
+def test_command_line_errors_are_one_line(workdir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="nothing to train with --freeze everything"):
+        main(cli_args(workdir, "run", "--freeze", "everything"))
+    with pytest.raises(SystemExit, match="unknown head 'topics'"):
+        main(cli_args(workdir, "run", "--freeze", "head", "--frozen-head", "topics"))
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process has one precision: start a new one
+    with pytest.raises(SystemExit, match="fp16 needs a GPU"):
+        main(cli_args(workdir, "run", "--mixed-precision", "fp16"))
+    assert not Path("run").exists()
+
+
+@pytest.mark.parametrize("what_trains", list(WHAT_TRAINS))
+def test_two_processes_match_one(workdir, one_process, tmp_path, monkeypatch, what_trains):
+    """torchrun, 2 CPU processes on gloo: same numbers as one process with the same global batch."""
+    one_folder, _, _ = one_process(what_trains)
+    monkeypatch.chdir(tmp_path)
+
+    # "heads": the backbone is frozen, its embeddings come from the disk cache; a spy counts each process's
+    # backbone passes. "last layer": DDP syncs backbone gradients; the plain command runs.
+    program = ["-m", "mtl_utils.train"]
+    if what_trains == "heads":
+        (tmp_path / "spy.py").write_text(SPY)
+        program = ["spy.py"]
+    env = {**os.environ, "MTL_UTILS_CACHE": str(tmp_path / "cache2"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *program, *cli_args(workdir, "two", *WHAT_TRAINS[what_trains])]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "on 2 process(es)" in run.stdout and run.stdout.count("wrote") == 1  # only the first process writes
+
+    runs = {"one": one_folder / "run", "two": tmp_path / "two"}
+    one, two = (json.loads((runs[name] / "metrics.json").read_text()) for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["best_epoch"] == two["best_epoch"]
+    for split in ("val", "test"):
+        for task in ("topic", "mood"):
+            assert two[split][task]["accuracy"] == one[split][task]["accuracy"]
+            assert two[split][task]["loss"] == pytest.approx(one[split][task]["loss"], abs=TOLERANCE)
+    weights = {name: load_file(runs[name] / "checkpoint" / "weights.safetensors") for name in runs}
+    assert weights["one"].keys() == weights["two"].keys()
+    assert any(k.startswith("backbone.") for k in weights["one"]) == (what_trains == "last layer")
+    for key, value in weights["one"].items():
+        if key.endswith("attention.self.key.bias"):
+            # it shifts all attention scores of a query alike, which softmax ignores: its gradient is rounding
+            # noise, which Adam turns into steps of +-lr (measured 1.5e-4 apart); it changes no output
+            continue
+        torch.testing.assert_close(weights["two"][key], value, atol=TOLERANCE, rtol=0, msg=key)
+    history = {name: pd.read_csv(runs[name] / "history.csv").drop(columns="seconds") for name in runs}
+    pd.testing.assert_frame_equal(history["two"], history["one"], check_exact=False, atol=TOLERANCE, rtol=0)
+
+    if what_trains == "heads":
+        # the first process computed and wrote every embedding; the second read them and never ran the backbone
+        calls = [json.loads(Path(f"backbone_calls.{rank}.json").read_text()) for rank in (0, 1)]
+        assert calls[0] > 0 and calls[1] == 0, calls
+        entries = sorted((tmp_path / "cache2" / "embeddings").iterdir())
+        assert len(entries) == 6 and all(p.suffix == ".safetensors" for p in entries)  # train/val/test x 2; no temp
+        stamps = {p.name: p.stat().st_mtime_ns for p in entries}
+        monkeypatch.setenv("MTL_UTILS_CACHE", str(tmp_path / "cache2"))
+        features.clear_memory_cache()
+        backbone = SentenceTransformer(str(workdir / "backbone"), device="cpu")
+        for task in load_tasks([f"topic={workdir / 'topic.csv'}", f"mood={workdir / 'mood.csv'}"]):
+            for split in ("train", "val", "test"):
+                texts = task.split(split)["text"].tolist()
+                torch.testing.assert_close(features.cached_embeddings(backbone, texts, progress=False),
+                                           backbone.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=0)
+        # every entry was read as written, none rebuilt: each is complete and holds the right embeddings
+        assert {p.name: p.stat().st_mtime_ns for p in entries} == stamps
