@@ -20,7 +20,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from .assets import ChecksumError, MissingAssetError, asset_path
-from .cache import atomic_dir, cache_dir, is_complete, sha256_file
+from .cache import COMPLETE_MARKER, atomic_dir, cache_dir, is_complete, sha256_file
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -103,6 +103,16 @@ def backbone_path(name: str) -> Path:
         with _quiet(), atomic_dir(folder) as tmp:
             build(tmp)
     return folder
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Total size in bytes of the files under `folder`, the cache's completeness marker left out."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+
+
+def backbone_disk_bytes(name: str) -> int:
+    """Size on disk of the local folder an offline backbone loads from (materialised first if needed)."""
+    return folder_bytes(backbone_path(name))
 
 
 def _build_mpnet(dest: Path) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -20,6 +24,20 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def encoding_throughput(backbone: SentenceTransformer, texts: Sequence[str], batch_size: int = 32,
+                        repeats: int = 3) -> float:
+    """Sentences per second of `backbone.encode(texts)`: median of `repeats` timed runs after a one-batch warm-up."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encoding_throughput needs at least one text")
+
+    def encode(batch: list[str]) -> object:
+        return backbone.encode(batch, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
+
+    encode(texts[:batch_size])  # warm-up: first-call allocations and thread start-up stay out of the timing
+    return len(texts) / median_seconds(lambda: encode(texts), repeats=repeats, warmup=0)
 
 
 def saved_for_backward_bytes(fn: Callable[[], object], model: torch.nn.Module | None = None) -> tuple[object, int]:

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+# (sentence, a paraphrase of it, a look-alike that shares most words but means something else)
+PARAPHRASE_TRIPLES: tuple[tuple[str, str, str], ...] = (
+    ("The dog chased the boy.", "The boy was chased by the dog.", "The boy chased the dog."),
+    ("He bought a car from his neighbour.", "His neighbour sold him a car.", "He sold a car to his neighbour."),
+    ("How old is the president?", "What is the president's age?", "How old is the president's house?"),
+    ("Where was Mozart born?", "What is Mozart's birthplace?", "Where was Mozart buried?"),
+    ("Who invented the telephone?", "Who was the inventor of the telephone?", "Who invented the television?"),
+    ("She rarely eats meat.", "She hardly ever eats meat.", "She eats meat every day."),
+    ("The movie was not good.", "The film was rather bad.", "The movie was good."),
+    ("I cannot recommend this film enough.", "I highly recommend this film.", "I cannot recommend this film."),
+    ("The acting saves an otherwise dull story.", "Strong performances rescue a boring plot.",
+     "The dull acting ruins an otherwise good story."),
+    ("It is raining heavily in London.", "London is having a downpour.", "It is raining lightly in London."),
+    ("The meeting was moved to Friday.", "The meeting has been postponed until Friday.",
+     "The meeting was cancelled on Friday."),
+    ("The cat sat on the mat.", "A cat was sitting on the rug.", "The mat sat on the cat."),
+)
 
 
 def probe_accuracies(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -24,3 +48,16 @@ def probe_accuracies(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
 def probe_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:
     """Probe accuracies of several tasks as one table: a row per task, a column per probe."""
     return pd.DataFrame(results).T.rename_axis("task").reset_index()
+
+
+def paraphrase_probe(backbone: SentenceTransformer,
+                     triples: Sequence[tuple[str, str, str]] = PARAPHRASE_TRIPLES) -> dict[str, float]:
+    """How often a sentence is closer (cosine) to its paraphrase than to a look-alike, and the mean cosine margin."""
+    if not triples:
+        raise ValueError("paraphrase_probe needs at least one (sentence, paraphrase, look-alike) triple")
+    flat = [text for triple in triples for text in triple]
+    emb = backbone.encode(flat, batch_size=64, show_progress_bar=False, convert_to_numpy=True).astype(np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    sentence, paraphrase, look_alike = emb[0::3], emb[1::3], emb[2::3]
+    margin = (sentence * paraphrase).sum(1) - (sentence * look_alike).sum(1)
+    return {"paraphrase closer": float((margin > 0).mean()), "mean margin": float(margin.mean())}
