@@ -99,7 +99,7 @@ def _tokenize(backbone: SentenceTransformer, texts: list[str], batch_size: int =
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode inside the block; afterwards every submodule gets back its own mode (frozen parts stay in eval)."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -128,7 +128,7 @@ def cached_embeddings(backbone: SentenceTransformer, texts: Sequence[str], batch
                 pass
         order = length_order([len(t) for t in texts])
         out = torch.empty(len(texts), backbone.get_embedding_dimension())
-        with _eval_mode(backbone):
+        with eval_mode(backbone):
             for start in tqdm(range(0, len(texts), batch_size), desc="encoding (cached after)",
                               disable=not progress):
                 idx = order[start:start + batch_size]
@@ -212,7 +212,7 @@ class CachedPrefix(FullForward):
         offsets = self.tokens["input_ids"].offsets
         states: torch.Tensor | None = None
         order = length_order(self.lengths)
-        with _eval_mode(backbone), run_layers(backbone, 0, self.frozen_layers):
+        with eval_mode(backbone), run_layers(backbone, 0, self.frozen_layers):
             for start in tqdm(range(0, len(order), batch_size), desc=f"caching {self.frozen_layers} frozen layers",
                               disable=not progress):
                 idx = order[start:start + batch_size]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from .features import eval_mode
 from .model import check_texts, length_order
 
 
@@ -36,10 +37,8 @@ def layer_representations(backbone: SentenceTransformer, texts: Sequence[str], b
     """Mask-mean-pooled hidden states of every stage (embeddings output, then each transformer layer), each (n, d)."""
     texts = check_texts(texts)
     auto = backbone[0].auto_model
-    modes = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
     out: list[torch.Tensor] | None = None
-    try:
+    with eval_mode(backbone):
         order = length_order([len(t) for t in texts])
         for start in range(0, len(texts), batch_size):
             idx = torch.as_tensor(order[start:start + batch_size])
@@ -53,9 +52,6 @@ def layer_representations(backbone: SentenceTransformer, texts: Sequence[str], b
                 out = [torch.empty(len(texts), p.shape[-1]) for p in pooled]
             for store, p in zip(out, pooled):
                 store[idx] = p
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return out or []
 
 
