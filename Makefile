@@ -14,7 +14,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv run test unit lab bench bench-notebooks clean
+.PHONY: venv run test unit lab bench bench-notebooks rerun-mpnet clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,13 @@ bench: $(STAMP)
 # every notebook's wall time and peak memory, and the whole `make test` (several minutes more)
 bench-notebooks: $(STAMP)
 	$(PY) -m benchmarks notebooks
+
+# notebook 07 again on all-mpnet-base-v2 (papermill parameters): the executed copy is reruns/07_staged_unfreezing_mpnet.ipynb,
+# its figures and tables go to results/mpnet/; the first run also trains mpnet's heads checkpoint
+rerun-mpnet: $(STAMP)
+	MTL_UTILS_RESULTS=$(MTL_UTILS_RESULTS)/mpnet $(VENV)/bin/papermill --no-progress-bar --cwd notebooks \
+		notebooks/07_staged_unfreezing.ipynb reruns/07_staged_unfreezing_mpnet.ipynb \
+		-p BACKBONE all-mpnet-base-v2 -p TRAIN_SAMPLE 300 -p EPOCHS 2
 
 clean:
 	rm -rf $(VENV) .cache results .pytest_cache

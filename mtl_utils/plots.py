@@ -62,6 +62,36 @@ def learning_curves(history: pd.DataFrame, metrics: Sequence[str] = ("val_accura
     return fig
 
 
+def compare_runs(histories: Mapping[str, pd.DataFrame], titles: Mapping[str, str], metric: str = "val_accuracy",
+                 baseline: Mapping[str, float] | None = None, baseline_label: str = "start") -> Figure:
+    """One panel per task (`titles`: task -> title), one line per run, each run's kept epoch marked."""
+    missing = [t for t in titles if not any((h.task == t).any() for h in histories.values())]
+    if missing:
+        raise ValueError(f"no run has a history for task(s) {missing}; the histories have "
+                         f"{sorted({t for h in histories.values() for t in h.task.unique()})}")
+    fig, axes = plt.subplots(1, len(titles), figsize=(6 * len(titles), 4), squeeze=False)
+    for ax, (task, title) in zip(axes[0], titles.items()):
+        for i, (name, history) in enumerate(histories.items()):
+            rows = history[history.task == task]
+            # a staged run (a `stage` column) restarts each stage from the epoch the previous one kept
+            parts = [part for _, part in rows.groupby("stage")] if "stage" in rows else [rows]
+            for j, part in enumerate(parts):
+                ax.plot(part.epoch, part[metric], "o-", color=f"C{i % 10}", ms=4, label=None if j else name)
+            if "best" in rows:
+                kept = rows[rows.best]
+                ax.plot(kept.epoch, kept[metric], "o", color=f"C{i % 10}", ms=10, alpha=0.4)
+        if baseline is not None and task in baseline:
+            ax.axhline(baseline[task], color="grey", ls=":", label=baseline_label)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def confusion_matrices(results: Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str]]], title: str = "") -> Figure:
     """Row-normalised confusion matrices, one per task: name -> (true labels, predicted labels, label names)."""
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.8), squeeze=False)
