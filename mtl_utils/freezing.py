@@ -111,6 +111,11 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def count_trainable(model: nn.Module) -> int:
+    """How many parameter values the optimizer sees (the sum over `trainable_parameters`)."""
+    return sum(p.numel() for p in trainable_parameters(model))
+
+
 def frozen_prefix_depth(model: MultiTaskModel) -> int:
     """How many bottom stages are entirely frozen: 0 = embeddings train, 1 + j = embeddings and j layers frozen."""
     depth = 0
@@ -155,7 +160,7 @@ def trainable_summary(model: MultiTaskModel) -> pd.DataFrame:
     table = pd.DataFrame(records)
     # parameters in no stage (e.g. the unused pooler) still count in the totals
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = count_trainable(model)
     covered = int(table["parameters"].sum())
     if total != covered:
         records.append({"group": "backbone", "part": "unused (pooler)", "parameters": total - covered,

@@ -23,7 +23,7 @@ def default_targets(model: MultiTaskModel) -> tuple[str, ...]:
 
 def has_lora(model: MultiTaskModel) -> bool:
     """True if LoRA adapters were injected into the backbone."""
-    return any("lora_" in name for name, _ in model.backbone.named_parameters())
+    return bool(lora_parameters(model))
 
 
 def add_lora(model: MultiTaskModel, r: int = 8, alpha: int = 16, dropout: float = 0.1,
@@ -51,9 +51,8 @@ def add_lora(model: MultiTaskModel, r: int = 8, alpha: int = 16, dropout: float 
         warnings.simplefilter("ignore")  # peft's notes about the model type are not the reader's business
         inject_adapter_in_model(config, auto)
     model.backbone.requires_grad_(False)
-    for name, param in model.backbone.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(True)
+    for param in lora_parameters(model).values():
+        param.requires_grad_(True)
     model.train(model.training)  # frozen stages back to eval mode
     return model
 

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "elapsed_seconds": round(time.perf_counter() - start, 2),
             "tasks": {t.name: {"labels": list(t.label_names), "train": len(t.train), "val": len(t.val),
                                "test": len(t.test)} for t in tasks},
-            "trainable_parameters": sum(p.numel() for p in freezing.trainable_parameters(model)),
+            "trainable_parameters": freezing.count_trainable(model),
             "config": {"command_line": vars(args), "train": asdict(config)},
         }
         save_checkpoint(model, out / "checkpoint")

@@ -127,6 +127,7 @@ def test_optimizer_sees_only_trainable_parameters(model):
     groups = training.optimizer_groups(model, config)
     seen = {id(p) for g in groups for p in g["params"]}
     assert seen == {id(p) for p in model.parameters() if p.requires_grad}
+    assert freezing.count_trainable(model) == sum(p.numel() for g in groups for p in g["params"])
     assert [g["name"] for g in groups] == ["head topic", "head mood", "layer 2"]
     freezing.unfreeze_last_layers(model, 3)
     lrs = {g["name"]: g["lr"] for g in training.optimizer_groups(model, config)}
