@@ -13,6 +13,8 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# no progress bars in executed notebooks (saved outputs) or under test: `make lab` keeps them
+run test rerun-mpnet: export TQDM_DISABLE := 1
 
 .PHONY: venv run test unit lab bench bench-notebooks rerun-mpnet clean
 

@@ -47,7 +47,7 @@ DEFAULT = ("heads", "layers", "inference")
 @contextlib.contextmanager
 def private_cache() -> Iterator[None]:
     """A fresh, temporary cache folder: caches are built from nothing and the user's cache is left alone."""
-    from mtl_utils.cache import CACHE_ENV
+    from mtl_utils.offline.cache import CACHE_ENV
     from mtl_utils.features import clear_memory_cache
 
     before = os.environ.get(CACHE_ENV)

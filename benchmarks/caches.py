@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from mtl_utils import features, freezing
-from mtl_utils.recipes import build_model, series_tasks
-from mtl_utils.training import TrainConfig, train
+from mtl_utils.series import build_model, series_tasks
+from mtl_utils.recipes import TrainConfig
+from mtl_utils.training import train
 
 from .common import comparison_row, interleaved, log, raw_rows, subset_task
 
@@ -48,9 +49,9 @@ class Trainer:
 
     def __init__(self, tasks, k: int | None) -> None:
         self.tasks = tasks
-        self.model = freezing.freeze(build_model(BACKBONE, tasks), "backbone")
+        self.model = freezing.freeze_backbone(build_model(BACKBONE, tasks))
         if k:
-            freezing.unfreeze_last_layers(self.model, k)
+            freezing.unfreeze_last(self.model, k)
         self.start = {n: t.detach().clone() for n, t in self.model.state_dict().items()}
 
     def epoch(self, **config) -> float:

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from mtl_utils import freezing
-from mtl_utils.recipes import build_model, series_tasks
+from mtl_utils.series import build_model, series_tasks
 
 from .common import comparison_row, interleaved, log, overhead_row, raw_rows, stratified_sample
 
@@ -26,8 +26,8 @@ def inference(repeats: int, per_task: int = PER_TASK) -> tuple[pd.DataFrame, pd.
     workload = f"2 tasks × {per_task} test sentences, batch {BATCH}"
     log(f"inference, {workload}")
     tasks = series_tasks()
-    multi = freezing.freeze(build_model(BACKBONE, tasks), "everything")
-    singles = [freezing.freeze(build_model(BACKBONE, [t]), "everything") for t in tasks]  # a backbone each
+    multi = freezing.freeze_all(build_model(BACKBONE, tasks))
+    singles = [freezing.freeze_all(build_model(BACKBONE, [t])) for t in tasks]  # a backbone each
     bare = multi.backbone
 
     def one_model() -> None:

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 
-from .cache import atomic_dir, fingerprint, is_complete
+from .backbone import load_backbone
 from .model import MultiTaskModel
+from .offline.cache import atomic_dir, fingerprint, is_complete
 
 FORMAT = "mtl_utils.checkpoint/1"
 WEIGHTS, CONFIG = "weights.safetensors", "config.json"
@@ -85,8 +86,6 @@ def load_checkpoint(folder: str | Path, backbone: SentenceTransformer | None = N
     """Rebuild a MultiTaskModel from a checkpoint, loading its backbone by name unless one is given."""
     config = read_config(folder)
     if backbone is None:
-        from .backbones import load_backbone
-
         backbone = load_backbone(config["backbone"], device=device)
     head = config["head"]
     model = MultiTaskModel(backbone, config["tasks"], head=head["kind"], hidden=head["hidden"],

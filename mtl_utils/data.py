@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from .assets import asset_path
+from .offline.assets import asset_path
 
 SPLITS = ("train", "val", "test")
 TREC_LABELS = ("DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC")  # label-coarse 0..5, in this order
@@ -29,6 +29,33 @@ DATASETS: dict[str, str] = {
 }
 _RAW_ROWS = {"trec": 5952, "movies": 10605, "amazon": 3708, "nyt": 5190, "tweets": 4200}
 _MAX_ROWS_SHOWN = 10
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """The texts as a list of non-empty str; anything else is a clear error naming what is wrong."""
+    if isinstance(texts, str):
+        raise TypeError("expected a list of texts, got one string; wrap it in a list")
+    if texts is None or isinstance(texts, Mapping) or not isinstance(texts, Sequence | pd.Series | np.ndarray):
+        raise TypeError(f"expected a list of texts (str), got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("expected at least one text, got an empty list")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise ValueError(f"texts must be non-empty strings; positions {bad[:_MAX_ROWS_SHOWN]} are empty or not strings")
+    unencodable = [i for i, t in enumerate(texts) if not _encodable(t)]
+    if unencodable:
+        raise ValueError(f"texts at positions {unencodable[:_MAX_ROWS_SHOWN]} are not valid Unicode (a lone surrogate, "
+                         "e.g. from decoding bytes with errors='surrogateescape'); clean them before encoding")
+    return texts
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, eq=False)

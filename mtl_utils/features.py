@@ -2,52 +2,234 @@
 
 Three sources, picked from what is frozen:
 
-- `FullForward`: tokenise and run the whole backbone (something in the embeddings trains);
-- `CachedPrefix`: the frozen bottom of the backbone ran once; each batch runs only the top layers;
-- `CachedEmbeddings`: the backbone is frozen; its sentence embeddings were computed once (memory + disk).
+- `FullForward`: tokenise once, run the whole backbone on every batch (something in the embeddings trains);
+- `CachedPrefix`: the frozen bottom of the backbone ran once per sentence; each batch runs only the layers
+  above it (the frozen ones between the cached boundary and the trainable ones without gradients);
+- `CachedEmbeddings`: the backbone is frozen; each sentence's embedding was computed once, ever.
+
+Sentence embeddings are cached per sentence, on disk, keyed by the backbone's fingerprint and the sentence
+itself: a new split, a sample or a second task over sentences already seen encodes nothing again. Each
+stored shard carries its shape, dtype and checksum and is dropped (its sentences encoded again) when it
+does not match them. The frozen-prefix states live in memory in 16 bits, one packed tensor, and move to a
+memory-mapped file on disk beyond a memory cap.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
+import os
+import uuid
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
-from tqdm.auto import tqdm
 
+from . import backbone as bb
 from . import freezing
-from .cache import atomic_path, cache_dir, fingerprint, texts_key
-from .model import MultiTaskModel, check_texts, length_order
+from .data import check_texts
+from .model import MultiTaskModel, map_batches
+from .offline.cache import atomic_path, cache_dir, fingerprint
 
-_MEMORY: OrderedDict[str, object] = OrderedDict()
-_MEMORY_ENTRIES = 6  # a handful of (backbone, dataset) entries; the prefix states are the big ones
+PREFIX_MEMORY_ENV = "MTL_UTILS_PREFIX_MEMORY_GB"
+PREFIX_MEMORY_FRACTION = 0.25  # of the machine's memory, for all in-memory prefix states together
+_MAX_SHARDS = 16  # an embedding store merges its shards into one beyond this many
 
 
-def _remember(key: str, build):
-    """A small in-memory LRU shared by every source, so a rerun with the same frozen weights is free."""
-    if key in _MEMORY:
-        _MEMORY.move_to_end(key)
-        return _MEMORY[key]
-    value = build()
-    _MEMORY[key] = value
-    while len(_MEMORY) > _MEMORY_ENTRIES:
-        _MEMORY.popitem(last=False)
-    return value
+# --- keys ---------------------------------------------------------------------------------------------------
+
+def backbone_key(backbone: SentenceTransformer) -> str:
+    """A fingerprint of everything that decides a sentence embedding: the weights, every module's settings
+    (pooling mode, normalisation, ...), the maximum length and the tokenizer."""
+    tokenizer = backbone.tokenizer
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    pipeline = [(type(m).__name__, _settings(m)) for m in backbone.children()]
+    return fingerprint(backbone.state_dict().items(), pipeline, backbone.max_seq_length, type(tokenizer).__name__,
+                       vocab, getattr(tokenizer, "do_lower_case", None))
+
+
+def _settings(module: torch.nn.Module) -> object:
+    getter = getattr(module, "get_config_dict", None)
+    if getter is None:
+        return None
+    return {k: v for k, v in getter().items() if "path" not in k.lower()}  # settings, not where it was loaded from
+
+
+def text_hash(text: str) -> bytes:
+    """16 bytes that name one sentence (BLAKE2b of its UTF-8 bytes)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def texts_key(texts: Sequence[str]) -> str:
+    """A short key of an ordered list of texts; two different lists never share it (each text is length-prefixed)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+# --- the per-sentence embedding store -----------------------------------------------------------------------
+
+class EmbeddingStore:
+    """Every sentence embedding one backbone has computed: rows in memory, shards on disk.
+
+    A shard is a safetensors file with `keys` (n, 16) uint8 text hashes and `embeddings` (n, dim) float32,
+    and in its metadata the shape, dtype and SHA-256 of both; a shard that does not match is deleted.
+    """
+
+    def __init__(self, key: str, dim: int, disk: bool = True) -> None:
+        self.key, self.dim, self.disk = key, dim, disk
+        self.rows: dict[bytes, int] = {}
+        self.data = torch.empty(0, dim)
+        self.seen: set[str] = set()  # shard files already read
+        self.dropped: list[str] = []  # shards that failed verification (for the message and the tests)
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir("embeddings", self.key)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.rows
+
+    def refresh(self) -> None:
+        """Read the shards other processes (or earlier runs) wrote since the last look."""
+        if not self.disk:
+            return
+        for path in sorted(self.folder.glob("shard-*.safetensors")):
+            if path.name in self.seen:
+                continue
+            loaded = self._read(path)
+            self.seen.add(path.name)
+            if loaded is not None:
+                self._add(*loaded)
+
+    def _read(self, path: Path) -> tuple[list[bytes], torch.Tensor] | None:
+        """A shard's hashes and embeddings, or None (and the shard deleted) when it is not what it says it is."""
+        try:
+            tensors = load_file(path)
+            with open(path, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            meta = json.loads(header["__metadata__"]["check"])
+            keys, emb = tensors["keys"], tensors["embeddings"]
+            ok = (list(emb.shape) == meta["shape"] and str(emb.dtype) == meta["dtype"] == "torch.float32"
+                  and emb.shape[1] == self.dim and keys.shape == (emb.shape[0], 16)
+                  and _digest(keys, emb) == meta["sha256"] and bool(torch.isfinite(emb).all()))
+        except FileNotFoundError:
+            return None  # merged away by another process meanwhile: its rows are in the merged shard
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError, json.JSONDecodeError):
+            ok = False
+        if not ok:
+            self.dropped.append(path.name)
+            warnings.warn(f"embedding cache: {path.name} of backbone {self.key} is damaged (shape, dtype or checksum "
+                          "does not match); deleted, its sentences will be encoded again", stacklevel=3)
+            path.unlink(missing_ok=True)
+            return None
+        return [bytes(k) for k in keys.numpy()], emb
+
+    def _add(self, keys: list[bytes], emb: torch.Tensor) -> None:
+        new = [i for i, k in enumerate(keys) if k not in self.rows]
+        if not new:
+            return
+        start = len(self.data)
+        self.data = torch.cat([self.data, emb[new]])
+        for offset, i in enumerate(new):
+            self.rows[keys[i]] = start + offset
+
+    def add(self, keys: list[bytes], emb: torch.Tensor) -> None:
+        """Keep new rows in memory and write them as one new shard (merging the shards when there are many)."""
+        emb = emb.detach().float().cpu().contiguous()
+        self._add(keys, emb)
+        if self.disk:
+            self._write(keys, emb)
+            shards = sorted(self.folder.glob("shard-*.safetensors"))
+            if len(shards) > _MAX_SHARDS:
+                self._merge(shards)
+
+    def _write(self, keys: list[bytes], emb: torch.Tensor) -> str:
+        key_tensor = torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy())
+        check = {"shape": list(emb.shape), "dtype": str(emb.dtype), "sha256": _digest(key_tensor, emb)}
+        name = f"shard-{uuid.uuid4().hex}.safetensors"
+        with atomic_path(self.folder / name) as tmp:
+            save_file({"keys": key_tensor, "embeddings": emb}, str(tmp), metadata={"check": json.dumps(check)})
+        self.seen.add(name)
+        return name
+
+    def _merge(self, shards: list[Path]) -> None:
+        """All rows in one new shard, then the old shards removed (readers of a removed one find its rows again)."""
+        self.refresh()
+        keys = list(self.rows)
+        self._write(keys, self.data[[self.rows[k] for k in keys]])
+        for path in shards:
+            path.unlink(missing_ok=True)
+
+    def get(self, keys: list[bytes]) -> torch.Tensor:
+        return self.data[torch.as_tensor([self.rows[k] for k in keys], dtype=torch.long)]
+
+
+def _digest(keys: torch.Tensor, emb: torch.Tensor) -> str:
+    digest = hashlib.sha256(keys.contiguous().numpy().tobytes())
+    digest.update(emb.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+_STORES: OrderedDict[tuple[str, bool], EmbeddingStore] = OrderedDict()
+_MAX_STORES = 4
+
+
+def embedding_store(backbone: SentenceTransformer, disk: bool = True) -> EmbeddingStore:
+    """The store of this exact backbone (weights and pipeline); kept in memory for the last few backbones."""
+    key = (backbone_key(backbone), disk)
+    if key not in _STORES:
+        _STORES[key] = EmbeddingStore(key[0], backbone.get_embedding_dimension(), disk)
+        while len(_STORES) > _MAX_STORES:
+            _STORES.popitem(last=False)
+    _STORES.move_to_end(key)
+    return _STORES[key]
+
+
+def cached_embeddings(backbone: SentenceTransformer, texts: Sequence[str], batch_size: int = 64,
+                      progress: bool = True, disk: bool = True) -> torch.Tensor:
+    """Sentence embeddings of `texts` under this exact backbone: only sentences never seen before are encoded."""
+    texts = check_texts(texts)
+    store = embedding_store(backbone, disk)
+    keys = [text_hash(t) for t in texts]
+    if any(k not in store for k in keys):
+        store.refresh()
+    todo: dict[bytes, str] = {}
+    for k, t in zip(keys, texts):
+        if k not in store:
+            todo.setdefault(k, t)
+    if todo:
+        new = list(todo.values())
+
+        def encode(idx: np.ndarray) -> torch.Tensor:
+            features = _to(backbone.preprocess([new[i] for i in idx]), backbone.device)
+            return backbone(features)["sentence_embedding"].float().cpu()
+
+        store.add(list(todo), map_batches(encode, [len(t) for t in new], batch_size, module=backbone,
+                                          progress=progress, desc="encoding (cached after)"))
+    return store.get(keys).to(backbone.device)
 
 
 def clear_memory_cache() -> None:
     """Forget every in-memory cache entry (the disk cache stays)."""
-    _MEMORY.clear()
+    _STORES.clear()
+    _PREFIXES.clear()
 
 
-def _backbone_key(backbone: SentenceTransformer, modules: Sequence[torch.nn.Module] | None = None) -> str:
-    tensors = [(n, t) for m in (modules or [backbone]) for n, t in m.state_dict().items()]
-    return fingerprint(tensors, backbone.max_seq_length)
+def _to(features: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
+
+# --- packed rows ------------------------------------------------------------------------------------------
 
 class Packed:
     """Variable-length rows stored end to end in one tensor, cut at `offsets`; `pad` gathers a padded batch.
@@ -92,83 +274,11 @@ def _tokenize(backbone: SentenceTransformer, texts: list[str], batch_size: int =
         for key, value in features.items():
             if isinstance(value, torch.Tensor) and value.shape == mask.shape:
                 parts.setdefault(key, []).append(value[mask])  # row by row, real tokens only (right padding)
-    if not texts:
-        return {"input_ids": Packed(torch.zeros(0, dtype=torch.long), np.zeros(0, dtype=np.int64))}
     n = torch.cat(lengths).numpy()
     return {key: Packed(torch.cat(chunks), n) for key, chunks in parts.items()}
 
 
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; afterwards every submodule gets back its own mode (frozen parts stay in eval)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@torch.no_grad()
-def cached_embeddings(backbone: SentenceTransformer, texts: Sequence[str], batch_size: int = 64,
-                      progress: bool = True, disk: bool = True) -> torch.Tensor:
-    """Sentence embeddings of `texts` under this exact backbone, computed once then read from memory or disk."""
-    texts = check_texts(texts)
-    key = f"emb-{_backbone_key(backbone)}-{texts_key(texts)}"
-
-    def build() -> torch.Tensor:
-        path = cache_dir("embeddings") / f"{key}.safetensors"
-        if disk and path.is_file():
-            try:
-                stored = load_file(path)["embeddings"]
-                if stored.shape[0] == len(texts):
-                    return stored
-            except Exception:  # a corrupt entry is rebuilt, never used
-                pass
-        order = length_order([len(t) for t in texts])
-        out = torch.empty(len(texts), backbone.get_embedding_dimension())
-        with eval_mode(backbone):
-            for start in tqdm(range(0, len(texts), batch_size), desc="encoding (cached after)",
-                              disable=not progress):
-                idx = order[start:start + batch_size]
-                features = backbone.preprocess([texts[i] for i in idx])
-                features = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v
-                            for k, v in features.items()}
-                out[torch.as_tensor(idx)] = backbone(features)["sentence_embedding"].float().cpu()
-        if disk:
-            with atomic_path(path) as tmp:
-                save_file({"embeddings": out.contiguous()}, str(tmp))
-        return out
-
-    return _remember(key, build).to(backbone.device)
-
-
-@contextlib.contextmanager
-def run_layers(backbone: SentenceTransformer, start: int, stop: int | None = None,
-               hidden: torch.Tensor | None = None) -> Iterator[None]:
-    """Within the block, the backbone runs only transformer layers [start:stop].
-
-    With `hidden`, the embeddings module is not run at all: these cached hidden states stand in for
-    its output, so the backbone's own mask handling, pooling and normalisation run unchanged on top of them.
-    """
-    auto = backbone[0].auto_model
-    layers = auto.encoder.layer
-    embeddings = auto.embeddings
-    shadowed = embeddings.__dict__.get("forward")
-    auto.encoder.layer = layers[start:stop]
-    if hidden is not None:
-        # an instance attribute shadows the class's forward; forward hooks registered elsewhere still run
-        embeddings.forward = lambda *args, **kwargs: hidden
-    try:
-        yield
-    finally:
-        auto.encoder.layer = layers
-        if hidden is not None:
-            del embeddings.forward
-            if shadowed is not None:
-                embeddings.forward = shadowed
-
+# --- the sources --------------------------------------------------------------------------------------------
 
 class FullForward:
     """Tokenise once, then run the whole backbone on every batch."""
@@ -183,55 +293,118 @@ class FullForward:
         """The texts at `idx` tokenised and right-padded to the longest of them, as the tokenizer pads."""
         batch = {key: packed.pad(idx, self.pad_id if key == "input_ids" else 0)[0]
                  for key, packed in self.tokens.items()}
-        return {k: v.to(self.model.device) for k, v in batch.items()}
+        return _to(batch, self.model.device)
 
     def __call__(self, idx: Sequence[int]) -> torch.Tensor:
         """Sentence embeddings of the texts at `idx`."""
         return self.model.sentence_embeddings(self.batch_features(idx))
 
 
-class CachedPrefix(FullForward):
-    """The frozen embeddings and bottom layers ran once per text; each batch runs only the layers that train.
+class PrefixStates:
+    """The hidden states after the bottom `boundary` layers of every text, packed, in 16 bits.
 
-    The cached hidden states of all texts are stored end to end in one tensor (`Packed`), so a batch is one
-    gather; the embeddings module and the frozen layers never run during training.
+    fp16 keeps 11 bits of mantissa (bf16 only 8), so it is the default; an entry with values beyond fp16's
+    range is built again in bf16. When the states would not fit in `memory_left` bytes, they live in a
+    memory-mapped file in the cache folder instead (deleted when the entry is dropped).
     """
 
-    def __init__(self, model: MultiTaskModel, texts: Sequence[str], frozen_layers: int, progress: bool = True,
-                 batch_size: int = 64) -> None:
+    def __init__(self, source: FullForward, boundary: int, progress: bool, batch_size: int, memory_left: int) -> None:
+        self.boundary = boundary
+        self.file: Path | None = None
+        total, width = int(source.lengths.sum()), bb.hidden_size(source.model.backbone)
+        self.nbytes = total * width * 2
+        if self.nbytes > memory_left:
+            self.file = cache_dir("prefix") / f"states-{os.getpid()}-{uuid.uuid4().hex}.bin"
+        states = self._build(source, total, width, torch.float16, progress, batch_size)
+        if states is None:  # fp16 would have turned some values into inf
+            states = self._build(source, total, width, torch.bfloat16, False, batch_size)
+        self.packed = Packed(states, source.lengths)
+
+    def _build(self, source: FullForward, total: int, width: int, dtype: torch.dtype, progress: bool,
+               batch_size: int) -> torch.Tensor | None:
+        backbone = source.model.backbone
+        if self.file is not None:
+            states = torch.from_file(str(self.file), shared=True, size=total * width, dtype=dtype).view(total, width)
+        else:
+            states = torch.empty(total, width, dtype=dtype)
+        offsets = source.tokens["input_ids"].offsets
+        fits, checked = [True], [False]
+
+        def run(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            features = source.batch_features(idx)
+            if not checked[0]:  # once per cache: running layers by range must match the whole backbone
+                bb.check_layer_running(backbone, features)
+                checked[0] = True
+            mask = features["attention_mask"]
+            return bb.run_layers(backbone, bb.embed_tokens(backbone, features), mask, 0, self.boundary).cpu(), mask
+
+        def keep(idx: np.ndarray, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+            hidden, mask = result
+            mask = mask.cpu().bool()
+            rows = hidden[mask].to(dtype)
+            fits[0] = fits[0] and bool(torch.isfinite(rows).all())
+            where = offsets[torch.as_tensor(idx)][:, None] + torch.arange(mask.shape[1])
+            states[where[mask]] = rows
+
+        map_batches(run, source.lengths, batch_size, module=backbone, progress=progress,
+                    desc=f"caching {self.boundary} frozen layers", into=keep)
+        return states if fits[0] else None
+
+    def release(self) -> None:
+        """Delete the memory-mapped file, if there is one."""
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def prefix_memory_cap() -> int:
+    """Bytes of prefix states kept in memory: `$MTL_UTILS_PREFIX_MEMORY_GB`, else a quarter of the machine's memory."""
+    if os.environ.get(PREFIX_MEMORY_ENV):
+        return int(float(os.environ[PREFIX_MEMORY_ENV]) * 2**30)
+    import psutil
+
+    return int(psutil.virtual_memory().total * PREFIX_MEMORY_FRACTION)
+
+
+_PREFIXES: OrderedDict[str, PrefixStates] = OrderedDict()
+_MAX_PREFIXES = 8  # a few (backbone, texts, boundary) entries: train and validation of two tasks, twice
+
+
+class CachedPrefix(FullForward):
+    """The frozen bottom of the backbone ran once per text; each batch runs only the layers above the cache.
+
+    `boundary` layers are cached (default: every frozen layer). A lower boundary lets runs that unfreeze
+    different numbers of top layers share one cache: the frozen layers between the boundary and the
+    trainable ones run on every batch, without gradients.
+    """
+
+    def __init__(self, model: MultiTaskModel, texts: Sequence[str], frozen_layers: int, boundary: int | None = None,
+                 progress: bool = True, batch_size: int = 64, memory_cap: int | None = None) -> None:
         super().__init__(model, texts)
         self.frozen_layers = frozen_layers
-        stages = freezing.backbone_stages(model)[: frozen_layers + 1]
-        key = (f"prefix-{_backbone_key(model.backbone, [m for _, mods in stages for m in mods])}"
-               f"-{frozen_layers}-{texts_key([*texts])}")
-        self.states: Packed = _remember(key, lambda: self._compute(progress, batch_size))
-
-    @torch.no_grad()
-    def _compute(self, progress: bool, batch_size: int) -> Packed:
-        backbone = self.model.backbone
-        offsets = self.tokens["input_ids"].offsets
-        states: torch.Tensor | None = None
-        order = length_order(self.lengths)
-        with eval_mode(backbone), run_layers(backbone, 0, self.frozen_layers):
-            for start in tqdm(range(0, len(order), batch_size), desc=f"caching {self.frozen_layers} frozen layers",
-                              disable=not progress):
-                idx = order[start:start + batch_size]
-                features = self.batch_features(idx)
-                hidden = backbone[0](features)["token_embeddings"].cpu()
-                if states is None:
-                    states = hidden.new_empty(int(self.lengths.sum()), hidden.shape[-1])
-                mask = features["attention_mask"].cpu().bool()
-                where = offsets[torch.as_tensor(idx)][:, None] + torch.arange(mask.shape[1])
-                states[where[mask]] = hidden[mask]
-        if states is None:  # no texts
-            states = torch.zeros(0, backbone[0].auto_model.config.hidden_size)
-        return Packed(states, self.lengths)
+        self.boundary = frozen_layers if boundary is None else min(boundary, frozen_layers)
+        stages = bb.stages(model.backbone)[: self.boundary + 1]
+        weights = [(n, t) for _, modules in stages for m in modules for n, t in m.state_dict().items()]
+        key = f"{fingerprint(weights, bb.architecture(model.backbone))}-{self.boundary}-{texts_key(list(texts))}"
+        if key not in _PREFIXES:
+            cap = prefix_memory_cap() if memory_cap is None else memory_cap
+            in_memory = sum(p.nbytes for p in _PREFIXES.values() if p.file is None)
+            _PREFIXES[key] = PrefixStates(self, self.boundary, progress, batch_size, cap - in_memory)
+            while len(_PREFIXES) > _MAX_PREFIXES:
+                _PREFIXES.popitem(last=False)[1].release()
+        _PREFIXES.move_to_end(key)
+        self.states = _PREFIXES[key]
 
     def __call__(self, idx: Sequence[int]) -> torch.Tensor:
-        features = self.batch_features(idx)
-        hidden, _ = self.states.pad(idx)
-        with run_layers(self.model.backbone, self.frozen_layers, None, hidden.to(self.model.device)):
-            return self.model.sentence_embeddings(features)
+        backbone, device = self.model.backbone, self.model.device
+        hidden, mask = self.states.packed.pad(idx)
+        hidden, mask = hidden.to(device=device, dtype=torch.float32), mask.to(device=device, dtype=torch.long)
+        if self.frozen_layers > self.boundary:
+            with torch.no_grad():
+                hidden = bb.run_layers(backbone, hidden, mask, self.boundary, self.frozen_layers)
+        return bb.pool(backbone, bb.run_layers(backbone, hidden, mask, self.frozen_layers), mask)
 
 
 class CachedEmbeddings:
@@ -245,7 +418,8 @@ class CachedEmbeddings:
         return self.embeddings[torch.as_tensor(np.asarray(idx))]
 
 
-def sentence_source(model: MultiTaskModel, texts: Sequence[str], use_cache: bool = True, progress: bool = True):
+def sentence_source(model: MultiTaskModel, texts: Sequence[str], use_cache: bool = True, progress: bool = True,
+                    prefix_boundary: int | None = None):
     """The cheapest exact way to get sentence embeddings for `texts` under the model's current freezing."""
     if not use_cache:
         return FullForward(model, texts)
@@ -254,4 +428,4 @@ def sentence_source(model: MultiTaskModel, texts: Sequence[str], use_cache: bool
     depth = freezing.frozen_prefix_depth(model)
     if depth == 0:
         return FullForward(model, texts)
-    return CachedPrefix(model, texts, frozen_layers=depth - 1, progress=progress)
+    return CachedPrefix(model, texts, frozen_layers=depth - 1, boundary=prefix_boundary, progress=progress)

@@ -1,109 +1,92 @@
-"""Freezing, in words a reader recognises: the whole network, only the backbone, one head, nothing, or all but the last k layers."""
+"""Freezing, in words a reader recognises: which parts of a MultiTaskModel train.
+
+Frozen means three things in PyTorch: `requires_grad=False` on the part's parameters, the part in eval mode
+(dropout off), and an optimizer that only sees trainable parameters. Every function here changes
+`requires_grad` through `_set`, which then puts every frozen part in eval mode (`MultiTaskModel.train`
+keeps them there), so no caller has to remember it. `trainable_parameters` is what an optimizer gets.
+
+    freeze_all(model)            # inference: nothing trains
+    freeze_backbone(model)       # the heads train on fixed sentence embeddings
+    unfreeze_last(model, 2)      # ... and the top 2 transformer layers too (adds to what trains)
+    freeze_head(model, "trec")   # ... but head A stays as it is
+    unfreeze_all(model)          # everything trains
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 import pandas as pd
 from torch import nn
 
-if TYPE_CHECKING:
-    from .model import MultiTaskModel
-
-SCENARIOS = {
-    "everything": "the whole network is frozen: backbone and every head (inference only)",
-    "backbone": "only the backbone is frozen: every head trains on fixed sentence embeddings",
-    "head": "one named head is frozen: the backbone and the other heads train",
-    "nothing": "nothing is frozen: backbone and heads all train",
-}
+from . import backbone as bb
+from .model import MultiTaskModel
+from .recipes import FREEZE_SCENARIOS
 
 
-def backbone_stages(model: MultiTaskModel) -> list[tuple[str, list[nn.Module]]]:
-    """The backbone cut into stages from the bottom: embeddings, then each transformer layer.
+def _set(model: MultiTaskModel, modules: Iterable[nn.Module], trainable: bool) -> MultiTaskModel:
+    """The one place that changes what trains: flags, then modes (frozen parts in eval mode)."""
+    for module in modules:
+        module.requires_grad_(trainable)
+    for module in bb.unused_modules(model.backbone):  # the pooler never gets a gradient: never train it
+        module.requires_grad_(False)
+    return model.train(model.training)
 
-    Parameters outside the layers (e.g. MPNet's relative attention bias) belong to the embeddings
-    stage; the BERT pooler is left out because mean pooling never uses it.
+
+def freeze_all(model: MultiTaskModel) -> MultiTaskModel:
+    """Freeze the whole network, backbone and every head: the model only answers."""
+    return _set(model, [model], False)
+
+
+def freeze_backbone(model: MultiTaskModel) -> MultiTaskModel:
+    """Freeze the backbone; every head trains."""
+    _set(model, [model.backbone], False)
+    return _set(model, [model.heads], True)
+
+
+def unfreeze_all(model: MultiTaskModel) -> MultiTaskModel:
+    """Let everything train: every backbone stage and every head."""
+    return _set(model, [model], True)
+
+
+def unfreeze_last(model: MultiTaskModel, k: int, embeddings: bool = False) -> MultiTaskModel:
+    """Let the top `k` transformer layers train too (and the embeddings with `embeddings=True`).
+
+    It adds to what trains and freezes nothing: `freeze_backbone` then `unfreeze_last(model, 2)` trains the
+    heads and the top two layers; a later `unfreeze_last(model, 3)` adds the third layer from the top.
     """
-    auto = model.backbone[0].auto_model
-    layers = auto.encoder.layer
-    shared = [m for name, m in auto.encoder.named_children() if name != "layer"]
-    stages = [("embeddings", [auto.embeddings, *shared])]
-    stages += [(f"layer {i}", [layer]) for i, layer in enumerate(layers)]
-    return stages
+    total = num_layers(model)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
+        raise ValueError(f"k must be an integer from 0 to {total} (the backbone {model.backbone_name!r} has {total} "
+                         f"transformer layers); got {k!r}")
+    stages = bb.stages(model.backbone)
+    chosen = [m for _, modules in stages[len(stages) - k:] for m in modules] if k else []
+    if embeddings:
+        chosen += stages[0][1]
+    return _set(model, chosen, True)
+
+
+def freeze_head(model: MultiTaskModel, task: str) -> MultiTaskModel:
+    """Freeze one task's head; everything else stays as it is."""
+    if task not in model.heads:
+        raise ValueError(f"unknown head {task!r}; this model's heads are: {', '.join(model.heads)}")
+    return _set(model, [model.heads[task]], False)
+
+
+_SCENARIOS = {"everything": freeze_all, "backbone": freeze_backbone, "nothing": unfreeze_all}
+
+
+def freeze(model: MultiTaskModel, scenario: str) -> MultiTaskModel:
+    """Apply a freeze scenario by name (the command line's --freeze): everything, backbone or nothing."""
+    if scenario not in _SCENARIOS:
+        known = "; ".join(f"{k!r}: {v}" for k, v in FREEZE_SCENARIOS.items())
+        raise ValueError(f"unknown freeze scenario {scenario!r}; known scenarios are {known}")
+    return _SCENARIOS[scenario](model)
 
 
 def num_layers(model: MultiTaskModel) -> int:
     """Number of transformer layers in the backbone."""
-    return len(model.backbone[0].auto_model.encoder.layer)
-
-
-def _set(modules: list[nn.Module] | nn.Module, trainable: bool) -> None:
-    for module in modules if isinstance(modules, list) else [modules]:
-        module.requires_grad_(trainable)
-
-
-def _trains(modules: list[nn.Module] | nn.Module) -> bool | None:
-    """True if every parameter trains, False if none does, None if some do."""
-    flags = {p.requires_grad for m in (modules if isinstance(modules, list) else [modules]) for p in m.parameters()}
-    return flags.pop() if len(flags) == 1 else (None if flags else False)
-
-
-def _check_head(model: MultiTaskModel, head: str | None) -> str:
-    if head not in model.heads:
-        raise ValueError(f"unknown head {head!r}; this model's heads are: {', '.join(model.heads)}")
-    return head
-
-
-def freeze(model: MultiTaskModel, scenario: str, head: str | None = None) -> MultiTaskModel:
-    """Apply a freeze scenario ('everything', 'backbone', 'head' with `head=`, 'nothing'); returns the model."""
-    if scenario not in SCENARIOS:
-        known = "; ".join(f"{k!r}: {v}" for k, v in SCENARIOS.items())
-        raise ValueError(f"unknown freeze scenario {scenario!r}; known scenarios are {known}")
-    if scenario == "head":
-        head = _check_head(model, head)
-    elif head is not None:
-        raise ValueError(f"`head=` only goes with scenario 'head', not {scenario!r}")
-    model.requires_grad_(scenario in ("head", "nothing"))
-    if scenario == "backbone":
-        model.heads.requires_grad_(True)
-    if scenario == "head":
-        model.heads[head].requires_grad_(False)
-    _freeze_pooler(model)
-    model.train(model.training)
-    return model
-
-
-def freeze_head(model: MultiTaskModel, head: str, frozen: bool = True) -> MultiTaskModel:
-    """Freeze (or unfreeze) one named head, leaving everything else as it is."""
-    model.heads[_check_head(model, head)].requires_grad_(not frozen)
-    model.train(model.training)
-    return model
-
-
-def unfreeze_last_layers(model: MultiTaskModel, k: int, embeddings: bool = False) -> MultiTaskModel:
-    """Make exactly the last `k` transformer layers of the backbone train (and the embeddings if asked).
-
-    The heads are left as they are, so `freeze(model, "backbone")` then `unfreeze_last_layers(model, 2)`
-    reads like the plan: heads and the top two layers train, the rest stays pre-trained.
-    """
-    total = num_layers(model)
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= total:
-        raise ValueError(f"k must be an integer from 0 to {total} (the backbone {model.backbone_name!r} has {total} "
-                         f"transformer layers); got {k!r}")
-    stages = backbone_stages(model)
-    _set(stages[0][1], embeddings)
-    for i, (_, modules) in enumerate(stages[1:]):
-        _set(modules, i >= total - k)
-    _freeze_pooler(model)
-    model.train(model.training)
-    return model
-
-
-def _freeze_pooler(model: MultiTaskModel) -> None:
-    # The BERT pooler is never used by mean pooling, so it can never receive a gradient.
-    pooler = getattr(model.backbone[0].auto_model, "pooler", None)
-    if pooler is not None:
-        pooler.requires_grad_(False)
+    return len(bb.layers(model.backbone))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -116,11 +99,17 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
+def _trains(modules: list[nn.Module]) -> bool | None:
+    """True if every parameter trains, False if none does, None if some do."""
+    flags = {p.requires_grad for m in modules for p in m.parameters()}
+    return flags.pop() if len(flags) == 1 else (None if flags else False)
+
+
 def frozen_prefix_depth(model: MultiTaskModel) -> int:
-    """How many bottom stages are entirely frozen: 0 = embeddings train, 1 + j = embeddings and j layers frozen."""
+    """How many bottom stages are entirely frozen: 0 = the embeddings train, 1 + j = embeddings and j layers frozen."""
     depth = 0
-    for _, modules in backbone_stages(model):
-        if any(p.requires_grad for m in modules for p in m.parameters()):
+    for _, modules in bb.stages(model.backbone):
+        if _trains(modules) is not False:
             break
         depth += 1
     return depth
@@ -131,40 +120,27 @@ def backbone_frozen(model: MultiTaskModel) -> bool:
     return not any(p.requires_grad for p in model.backbone.parameters())
 
 
-def frozen_modules(model: MultiTaskModel) -> list[nn.Module]:
-    """Every stage or head whose parameters are all frozen: these stay in eval mode (dropout off)."""
-    parts = [modules for _, modules in backbone_stages(model)] + [[h] for h in model.heads.values()]
-    if backbone_frozen(model):
-        parts.append([model.backbone])
-    return [m for modules in parts if _trains(modules) is False for m in modules]
-
-
 def trainable_summary(model: MultiTaskModel) -> pd.DataFrame:
     """One row per part (embeddings, each layer, each head) with its parameter count and whether it trains, plus totals."""
-    rows = []
-    for name, modules in backbone_stages(model):
-        rows.append(("backbone", name, modules))
-    for name, head in model.heads.items():
-        rows.append(("head", name, [head]))
     records = []
-    for group, name, modules in rows:
+    for name, modules in model.parts():
         params = [p for m in modules for p in m.parameters()]
-        trains = _trains(modules)
+        group, part = ("head", name.removeprefix("head ")) if name.startswith("head ") else ("backbone", name)
         records.append({
             "group": group,
-            "part": name,
+            "part": part,
             "parameters": sum(p.numel() for p in params),
             "trainable parameters": sum(p.numel() for p in params if p.requires_grad),
-            "trains": {True: "yes", False: "no", None: "partly"}[trains],
+            "trains": {True: "yes", False: "no", None: "partly"}[_trains(modules)],
         })
-    table = pd.DataFrame(records)
-    # parameters in no stage (e.g. the unused pooler) still count in the totals
+    # parameters in no stage (the unused pooler) still count in the totals
     total = sum(p.numel() for p in model.parameters())
     trainable = count_trainable(model)
-    covered = int(table["parameters"].sum())
+    covered = sum(r["parameters"] for r in records)
     if total != covered:
         records.append({"group": "backbone", "part": "unused (pooler)", "parameters": total - covered,
-                        "trainable parameters": trainable - int(table["trainable parameters"].sum()), "trains": "no"})
+                        "trainable parameters": trainable - sum(r["trainable parameters"] for r in records),
+                        "trains": "no"})
     records.append({"group": "total", "part": "all", "parameters": total, "trainable parameters": trainable,
                     "trains": f"{trainable / total:.2%}"})
     return pd.DataFrame(records)

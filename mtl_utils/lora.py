@@ -6,6 +6,7 @@ import warnings
 
 from torch import nn
 
+from . import backbone as bb
 from .model import MultiTaskModel
 
 # attention projections LoRA adapts by default (query and value, as in the LoRA paper), per architecture
@@ -14,7 +15,7 @@ TARGET_MODULES = {"bert": ("query", "value"), "mpnet": ("q", "v")}
 
 def default_targets(model: MultiTaskModel) -> tuple[str, ...]:
     """The query/value projection names of the backbone's architecture; a clear error for an unknown one."""
-    kind = getattr(model.backbone[0].auto_model.config, "model_type", None)
+    kind = bb.architecture(model.backbone)
     if kind not in TARGET_MODULES:
         raise ValueError(f"no default LoRA target modules for architecture {kind!r} (known: "
                          f"{', '.join(TARGET_MODULES)}); pass target_modules=, e.g. the names of its query/value Linears")
@@ -27,11 +28,12 @@ def has_lora(model: MultiTaskModel) -> bool:
 
 
 def add_lora(model: MultiTaskModel, r: int = 8, alpha: int = 16, dropout: float = 0.1,
-             target_modules: tuple[str, ...] | None = None) -> MultiTaskModel:
+             target_modules: tuple[str, ...] | None = None, top_layers: int | None = None) -> MultiTaskModel:
     """Inject LoRA adapters into the backbone in place: only they (and the heads, as they were) train.
 
     Every pre-trained backbone weight is frozen; each adapted Linear W gets W x + (alpha / r) B A x with A random
-    and B zero, so the model's outputs are unchanged until the adapters train.
+    and B zero, so the model's outputs are unchanged until the adapters train. With `top_layers`, only the
+    top that many transformer layers get adapters: the layers below stay frozen and can be cached.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -40,21 +42,27 @@ def add_lora(model: MultiTaskModel, r: int = 8, alpha: int = 16, dropout: float 
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"the LoRA rank r must be a positive integer, got {r!r}")
     targets = list(target_modules or default_targets(model))
-    auto = model.backbone[0].auto_model
+    auto = bb.transformer(model.backbone)
     present = {name.rsplit(".", 1)[-1] for name, m in auto.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in targets if t not in present]
     if missing:
         raise ValueError(f"target modules {missing} are not Linear layers of this backbone; some that are: "
                          f"{', '.join(sorted(present)[:12])}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    total = len(bb.layers(model.backbone))
+    if top_layers is not None and (isinstance(top_layers, bool) or not isinstance(top_layers, int)
+                                   or not 1 <= top_layers <= total):
+        raise ValueError(f"top_layers must be an integer from 1 to {total} (the backbone's transformer layers), "
+                         f"got {top_layers!r}")
+    where = {} if top_layers is None else {"layers_to_transform": list(range(total - top_layers, total)),
+                                           "layers_pattern": "layer"}
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", **where)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about the model type are not the reader's business
         inject_adapter_in_model(config, auto)
     model.backbone.requires_grad_(False)
     for param in lora_parameters(model).values():
         param.requires_grad_(True)
-    model.train(model.training)  # frozen stages back to eval mode
-    return model
+    return model.train(model.training)  # the stages without adapters (the embeddings) back to eval mode
 
 
 def lora_parameters(model: MultiTaskModel) -> dict[str, nn.Parameter]:

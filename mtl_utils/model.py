@@ -1,8 +1,14 @@
-"""MultiTaskModel: one shared sentence-transformer backbone and one classification head per task."""
+"""MultiTaskModel: one shared sentence-transformer backbone and one classification head per task.
+
+Also the one batched inference loop every part of the library uses: length-sorted batches, eval mode, no
+gradients, results back in input order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -11,10 +17,76 @@ from sentence_transformers import SentenceTransformer
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import freezing
+from . import backbone as bb
+from .data import check_texts
+from .recipes import HEAD_KINDS
 
-HEAD_KINDS = ("linear", "mlp")
+Output = torch.Tensor | Sequence[torch.Tensor]
 
+
+# --- the inference loop -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module | None) -> Iterator[None]:
+    """Eval mode inside the block; afterwards every submodule gets back its own mode (frozen parts stay in eval)."""
+    if module is None:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def progress_bar(iterable=None, total: int | None = None, desc: str = "", enabled: bool = True) -> tqdm:
+    """A tqdm bar, unless `enabled` is False or TQDM_DISABLE=1 (`make run` and `make test` set it: no bars in
+    saved notebooks)."""
+    off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(iterable, total=total, desc=desc, disable=off or not enabled, leave=False)
+
+
+def length_order(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Indices from the longest to the shortest input (stable), so each batch carries little padding."""
+    return np.argsort(-np.asarray(lengths), kind="stable")
+
+
+@torch.no_grad()
+def map_batches(fn: Callable[[np.ndarray], Output], lengths: Sequence[int] | np.ndarray, batch_size: int = 64,
+                module: nn.Module | None = None, progress: bool = False, desc: str = "",
+                into: Callable[[np.ndarray, Output], None] | None = None) -> Output | None:
+    """Call `fn(idx)` on batches of indices, longest inputs first, without gradients and with `module` in eval
+    mode; return its rows put back in input order (a tensor, or a list of tensors if `fn` returns several).
+
+    With `into`, each batch's result goes to `into(idx, result)` instead (rows of different lengths).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+    order = length_order(lengths)
+    out: list[torch.Tensor] | None = None
+    several = False
+    with eval_mode(module):
+        for start in progress_bar(range(0, len(order), batch_size), desc=desc, enabled=progress):
+            idx = order[start:start + batch_size]
+            result = fn(idx)
+            if into is not None:
+                into(idx, result)
+                continue
+            several = not isinstance(result, torch.Tensor)
+            parts = list(result) if several else [result]
+            if out is None:
+                out = [torch.empty(len(order), *p.shape[1:], dtype=p.dtype, device=p.device) for p in parts]
+            rows = torch.as_tensor(idx, device=parts[0].device)
+            for store, part in zip(out, parts):
+                store[rows] = part
+    if into is not None or out is None:
+        return None
+    return out if several else out[0]
+
+
+# --- heads and the model ----------------------------------------------------------------------------------
 
 def make_head(dim: int, num_labels: int, kind: str = "linear", hidden: int = 256, dropout: float = 0.1) -> nn.Module:
     """A classification head: a linear layer, or a small MLP (linear, GELU, dropout, linear)."""
@@ -23,22 +95,6 @@ def make_head(dim: int, num_labels: int, kind: str = "linear", hidden: int = 256
     if kind == "mlp":
         return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_labels))
     raise ValueError(f"unknown head kind {kind!r}; known kinds are {', '.join(HEAD_KINDS)}")
-
-
-def check_texts(texts: Sequence[str]) -> list[str]:
-    """Return the texts as a list; raise if any is not a non-empty string."""
-    if isinstance(texts, str):
-        raise TypeError("expected a list of texts, got one string; wrap it in a list")
-    texts = list(texts)
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise ValueError(f"texts must be non-empty strings; positions {bad[:10]} are empty or not strings")
-    return texts
-
-
-def length_order(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Indices from the longest to the shortest sequence (stable), so each batch carries little padding."""
-    return np.argsort(-np.asarray(lengths), kind="stable")
 
 
 class MultiTaskModel(nn.Module):
@@ -93,11 +149,22 @@ class MultiTaskModel(nn.Module):
             raise KeyError(f"unknown task {task!r}; this model's tasks are: {', '.join(self.heads)}")
         return self.heads[task]
 
+    def parts(self) -> list[tuple[str, list[nn.Module]]]:
+        """The units freezing works on: the backbone's stages (embeddings, each layer) and each head."""
+        return [*bb.stages(self.backbone), *((f"head {t}", [h]) for t, h in self.heads.items())]
+
     def train(self, mode: bool = True) -> MultiTaskModel:
-        """Set training mode, but frozen parts always stay in eval mode (dropout off)."""
+        """Set training mode, but every part whose parameters are all frozen stays in eval mode (dropout off)."""
         super().train(mode)
-        for module in freezing.frozen_modules(self):
-            module.eval()
+        if mode:
+            for _, modules in self.parts():
+                if not any(p.requires_grad for m in modules for p in m.parameters()):
+                    for m in modules:
+                        m.eval()
+            for m in bb.unused_modules(self.backbone):
+                m.eval()
+            if not any(p.requires_grad for p in self.backbone.parameters()):
+                self.backbone.eval()
         return self
 
     def features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -115,47 +182,40 @@ class MultiTaskModel(nn.Module):
         embeddings = inputs if isinstance(inputs, torch.Tensor) else self.sentence_embeddings(inputs)
         return head(embeddings)
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """Shared sentence embeddings of `texts` (eval mode, batches sorted by length), in input order."""
+        """Shared sentence embeddings of `texts`, in input order."""
         texts = check_texts(texts)
-        was_training = self.training
-        self.eval()
-        try:
-            lengths = [len(t) for t in texts]
-            order = length_order(lengths)
-            out = torch.empty(len(texts), self.embedding_dim, device=self.device)
-            starts = range(0, len(texts), batch_size)
-            for start in tqdm(starts, desc="embed", disable=not progress, leave=False):
-                idx = order[start:start + batch_size]
-                out[torch.as_tensor(idx)] = self.sentence_embeddings(self.features([texts[i] for i in idx]))
-        finally:
-            self.train(was_training)
-        return out
+        return map_batches(lambda idx: self.sentence_embeddings(self.features([texts[i] for i in idx])),
+                           [len(t) for t in texts], batch_size, module=self, progress=progress, desc="embed")
 
-    @torch.no_grad()
-    def predict_embeddings(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every task's class probabilities from sentence embeddings (heads in eval mode)."""
-        was_training = self.training
-        self.eval()
-        try:
-            return {task: torch.softmax(head(embeddings), dim=-1) for task, head in self.heads.items()}
-        finally:
-            self.train(was_training)
+    def predict_embeddings(self, embeddings: torch.Tensor,
+                           tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Class probabilities of every task (or of `tasks`) from sentence embeddings, heads in eval mode."""
+        with torch.no_grad(), eval_mode(self):
+            return {task: torch.softmax(self.head(task)(embeddings), dim=-1) for task in (tasks or self.tasks)}
 
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> pd.DataFrame:
-        """Run the backbone once and answer every task: a label and per-label probabilities per text."""
+    def predict(self, texts: Sequence[str], batch_size: int = 64, tasks: Sequence[str] | None = None) -> pd.DataFrame:
+        """Run the backbone once and answer every task (or `tasks`): a label and per-label probabilities per text."""
         texts = check_texts(texts)
-        probabilities = self.predict_embeddings(self.embed(texts, batch_size))
-        table = pd.DataFrame({"text": texts})
-        for task, probs in probabilities.items():
-            names = self.label_names[task]
-            table[task] = [names[i] for i in probs.argmax(-1).tolist()]
-            table[f"{task} confidence"] = probs.max(-1).values.cpu().numpy()
-        for task, probs in probabilities.items():
-            for j, name in enumerate(self.label_names[task]):
-                table[f"P({task}={name})"] = probs[:, j].cpu().numpy()
-        return table
+        tasks = self.tasks if tasks is None else list(tasks)
+        for task in tasks:
+            self.head(task)  # an unknown task is a clear error before any work
+        return probability_table(texts, self.predict_embeddings(self.embed(texts, batch_size), tasks), self.label_names)
 
     def extra_repr(self) -> str:
         return f"backbone={self.backbone_name!r}, tasks={self.label_names}"
+
+
+def probability_table(texts: Sequence[str], probabilities: Mapping[str, torch.Tensor | np.ndarray],
+                      label_names: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """`predict`'s table: the text, then per task its label and confidence, then every label's probability."""
+    probabilities = {t: torch.as_tensor(p).cpu() for t, p in probabilities.items()}
+    table = pd.DataFrame({"text": list(texts)})
+    for task, probs in probabilities.items():
+        names = label_names[task]
+        table[task] = [names[i] for i in probs.argmax(-1).tolist()]
+        table[f"{task} confidence"] = probs.max(-1).values.numpy()
+    for task, probs in probabilities.items():
+        for j, name in enumerate(label_names[task]):
+            table[f"P({task}={name})"] = probs[:, j].numpy()
+    return table

@@ -11,20 +11,30 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
 
-def similarity_heatmap(similarity: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
-    """A cosine-similarity matrix with its sentences as row and column labels."""
-    fig, ax = plt.subplots(figsize=(9, 7.5))
-    image = ax.imshow(similarity, cmap="viridis", vmin=min(0.0, float(similarity.min())), vmax=1.0)
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, f"{similarity[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if similarity[i, j] < 0.5 else "black")
-    fig.colorbar(image, ax=ax, label="cosine similarity")
+def heatmap(values: pd.DataFrame, title: str = "", label: str = "", vmin: float | None = None,
+            vmax: float | None = None, fmt: str = "{:.2f}", dark_below: float | None = None) -> Figure:
+    """A matrix of numbers as colours, each cell written out; rows and columns labelled from the frame."""
+    data = values.to_numpy(dtype=float)
+    vmin = float(np.nanmin(data)) if vmin is None else vmin
+    vmax = float(np.nanmax(data)) if vmax is None else vmax
+    dark_below = (vmin + vmax) / 2 if dark_below is None else dark_below
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * data.shape[1] + 3), max(3.0, 0.5 * data.shape[0] + 1.5)))
+    image = ax.imshow(data, cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(data.shape[1]), [str(c) for c in values.columns], rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(data.shape[0]), [str(i) for i in values.index], fontsize=8)
+    for (i, j), value in np.ndenumerate(data):
+        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7,
+                color="white" if value < dark_below else "black")
+    fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def similarity_heatmap(similarity: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
+    """A cosine-similarity matrix with its sentences as row and column labels."""
+    frame = pd.DataFrame(similarity, index=list(labels), columns=list(labels))
+    return heatmap(frame, title, "cosine similarity", vmin=min(0.0, float(similarity.min())), vmax=1.0, dark_below=0.5)
 
 
 def projection(points: Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str]]], title: str = "") -> Figure:

@@ -1,58 +1,103 @@
-"""The series' shared starting points: the two tasks, the model on a backbone, and the trained multi-task checkpoint."""
+"""The series' recipes: every training default and every accepted option name, in one place.
+
+Nothing here imports torch, so `python -m mtl_utils.cli --help` answers at once; the library, the notebooks
+and the command line all take their defaults from this module.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from . import freezing
-from .backbones import load_backbone
-from .cache import cache_dir
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import Task, load_task
-from .model import MultiTaskModel
-from .training import TrainConfig, train
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 TASKS = ("trec", "movies")  # Task A: question type; Task B: sentiment
+DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
+HEAD_KINDS = ("linear", "mlp")
+FREEZE_SCENARIOS = {
+    "everything": "the whole network is frozen: backbone and every head (inference only)",
+    "backbone": "only the backbone is frozen: every head trains on fixed sentence embeddings",
+    "nothing": "nothing is frozen: backbone and heads all train",
+}
+SAMPLINGS = ("round_robin", "proportional", "temperature")
+SCHEDULES = ("linear", "cosine", "constant")
+METRICS = ("accuracy", "f1_macro")
 
 
-def series_tasks(seed: int = 0) -> list[Task]:
-    """Task A (TREC-6 question type) and Task B (movie-sentence sentiment), with their fixed splits."""
-    return [load_task(name, seed=seed) for name in TASKS]
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a training run. The defaults are the heads recipe: a frozen backbone, trained heads."""
+
+    epochs: int = 20
+    batch_size: int = 32  # examples per step, over all processes together
+    head_lr: float = 1e-2
+    backbone_lr: float = 2e-4  # the rate of the top transformer layer, when layers train
+    layer_lr_decay: float = 1.0  # each layer further down multiplies the rate by this (BERT studies: about 0.95)
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of all steps spent warming the rates up
+    schedule: str = "linear"
+    max_grad_norm: float | None = 1.0
+    sampling: str = "proportional"  # which task each step trains
+    temperature: float = 2.0  # with sampling="temperature": task sizes are raised to 1/temperature
+    train_tasks: Sequence[str] | None = None  # tasks that get batches; default: all given
+    select_on: Sequence[str] | None = None  # tasks whose mean validation score picks the best epoch
+    metric: str = "accuracy"
+    patience: int | None = None  # stop after this many epochs without a better validation score
+    evaluate_first: bool = True  # evaluate once before training (epoch 0), so an epoch that hurts is undone
+    group_by_length: bool = True  # batches of similar lengths: less padding
+    use_cache: bool = True  # the embedding or frozen-prefix cache instead of the whole backbone on every batch
+    prefix_layers: int | None = None  # frozen layers the prefix cache stores (default all): fewer lets runs
+    #                                   that unfreeze different numbers of top layers share one cache
+    eval_batch_size: int = 128
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value, known in (("sampling", self.sampling, SAMPLINGS), ("schedule", self.schedule, SCHEDULES),
+                                   ("metric", self.metric, METRICS)):
+            if value not in known:
+                raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+        for name in ("head_lr", "backbone_lr", "weight_decay"):
+            _check_number(name, getattr(self, name), minimum=0.0)
+        _check_number("layer_lr_decay", self.layer_lr_decay, minimum=0.0, strict=True)
+        _check_number("temperature", self.temperature, minimum=0.0, strict=True)
+        _check_number("warmup", self.warmup, minimum=0.0)
+        if self.warmup >= 1:
+            raise ValueError(f"warmup is a fraction of all steps, from 0 up to (not including) 1; got {self.warmup}")
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, strict=True)
+        if self.prefix_layers is not None and (not isinstance(self.prefix_layers, int) or self.prefix_layers < 0):
+            raise ValueError(f"prefix_layers must be None or an integer of at least 0, got {self.prefix_layers!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"patience must be None or an integer of at least 1, got {self.patience!r}")
+
+    def but(self, **changes) -> TrainConfig:
+        """The same recipe with some settings changed."""
+        return replace(self, **changes)
 
 
-def build_model(backbone: str = "all-MiniLM-L6-v2", tasks: list[Task] | None = None, head: str = "linear",
-                seed: int = 0, device: str = "cpu") -> MultiTaskModel:
-    """A MultiTaskModel with a fresh head per task on a pre-trained backbone."""
-    tasks = tasks or series_tasks()
-    return MultiTaskModel(load_backbone(backbone, device=device), {t.name: t.label_names for t in tasks},
-                          head=head, seed=seed, backbone_name=backbone).to(device)
+def _check_number(name: str, value: float, minimum: float, strict: bool = False) -> None:
+    """A finite number at or above `minimum` (strictly above it with `strict`)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = f"{'above' if strict else 'at least'} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
-def heads_config(**overrides) -> TrainConfig:
-    """How the series trains heads on a frozen backbone: 20 epochs, AdamW at 1e-2, batches of 32."""
-    return TrainConfig(**{"epochs": 20, "head_lr": 1e-2, "batch_size": 32, **overrides})
+def heads_config(**changes) -> TrainConfig:
+    """Heads on a frozen backbone: 20 epochs, AdamW at 1e-2, batches of 32, the best epoch on validation."""
+    return TrainConfig(**changes)
 
 
-def checkpoint_folder(backbone: str = "all-MiniLM-L6-v2") -> Path:
-    """Where the jointly trained multi-task checkpoint of a backbone lives (in the cache folder)."""
-    return cache_dir("checkpoints") / f"multitask-heads-{backbone}"
+def finetune_config(**changes) -> TrainConfig:
+    """The top layers of the backbone train too, from trained heads: 2 epochs; heads at 1e-3, the top layer at
+    2e-4 and each layer below at 0.95 times the rate of the layer above it."""
+    return TrainConfig(**{"epochs": 2, "head_lr": 1e-3, "backbone_lr": 2e-4, "layer_lr_decay": 0.95, **changes})
 
 
-def train_multitask_heads(backbone: str = "all-MiniLM-L6-v2", tasks: list[Task] | None = None,
-                          progress: bool = True):
-    """Notebook 02's recipe: both heads trained jointly on the frozen backbone; returns (model, history)."""
-    tasks = tasks or series_tasks()
-    model = freezing.freeze(build_model(backbone, tasks), "backbone")
-    history = train(model, tasks, heads_config(progress=progress))
-    return model, history
-
-
-def multitask_checkpoint(backbone: str = "all-MiniLM-L6-v2", progress: bool = True) -> MultiTaskModel:
-    """The trained multi-task model of notebook 02: loaded if saved, else trained (cheaply) and saved first."""
-    folder = checkpoint_folder(backbone)
-    try:
-        return load_checkpoint(folder)
-    except ValueError:  # missing or incomplete: make it
-        model, _ = train_multitask_heads(backbone, progress=progress)
-        save_checkpoint(model, folder)
-        return load_checkpoint(folder)
+def lora_config(**changes) -> TrainConfig:
+    """LoRA adapters train (every pre-trained weight frozen): 2 epochs; heads at 1e-3, adapters at 1e-3."""
+    return TrainConfig(**{"epochs": 2, "head_lr": 1e-3, "backbone_lr": 1e-3, **changes})

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .cache import atomic_path
+from .offline.cache import atomic_path
 
 RESULTS_ENV = "MTL_UTILS_RESULTS"
 

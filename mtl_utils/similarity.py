@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from .features import eval_mode
-from .model import check_texts, length_order
+from . import backbone as bb
+from .data import check_texts
+from .model import map_batches
 
 
 def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
@@ -32,27 +33,17 @@ def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> fl
     return float(cross / norms)
 
 
-@torch.no_grad()
 def layer_representations(backbone: SentenceTransformer, texts: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
     """Mask-mean-pooled hidden states of every stage (embeddings output, then each transformer layer), each (n, d)."""
     texts = check_texts(texts)
-    auto = backbone[0].auto_model
-    out: list[torch.Tensor] | None = None
-    with eval_mode(backbone):
-        order = length_order([len(t) for t in texts])
-        for start in range(0, len(texts), batch_size):
-            idx = torch.as_tensor(order[start:start + batch_size])
-            features = backbone.preprocess([texts[i] for i in idx])
-            inputs = {k: v.to(backbone.device) for k, v in features.items()
-                      if k in ("input_ids", "attention_mask", "token_type_ids")}
-            hidden = auto(**inputs, output_hidden_states=True).hidden_states
-            mask = inputs["attention_mask"].unsqueeze(-1).float()
-            pooled = [((h * mask).sum(1) / mask.sum(1)).float().cpu() for h in hidden]
-            if out is None:
-                out = [torch.empty(len(texts), p.shape[-1]) for p in pooled]
-            for store, p in zip(out, pooled):
-                store[idx] = p
-    return out or []
+
+    def pooled(idx) -> list[torch.Tensor]:
+        features = {k: v.to(backbone.device) for k, v in backbone.preprocess([texts[i] for i in idx]).items()
+                    if isinstance(v, torch.Tensor)}
+        mask = features["attention_mask"].unsqueeze(-1).float()
+        return [((h * mask).sum(1) / mask.sum(1)).float().cpu() for h in bb.hidden_states(backbone, features)]
+
+    return map_batches(pooled, [len(t) for t in texts], batch_size, module=backbone)
 
 
 def layer_cka(reference: Sequence[torch.Tensor], other: Sequence[torch.Tensor]) -> list[float]:

@@ -1,8 +1,8 @@
 """The multi-task training loop, in plain PyTorch: one task per batch, AdamW, warm-up then decay, best epoch kept.
 
-It runs through Hugging Face Accelerate, so the same loop trains in one CPU process (a notebook) or in
-several processes under `accelerate launch` / `torchrun`: every process follows the same seeded plan of
-tasks and batches, takes its share of each global batch, and DDP averages the gradients.
+In one process (a notebook) `train` is a textbook loop. Under `accelerate launch` or `torchrun` the same loop
+runs in every process: Accelerate's prepared data loader gives each process its slice of every global batch
+(`split_batches`), and DDP averages the gradients, so N processes take the steps one process takes.
 """
 
 from __future__ import annotations
@@ -10,66 +10,39 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import broadcast_object_list
-from sklearn.metrics import accuracy_score, f1_score
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Sampler
 
-from . import freezing
+from . import backbone as bb
+from .data import Task
+from .evaluation import predict_proba, scores
 from .features import sentence_source
-from .model import MultiTaskModel
-
-SAMPLINGS = ("round_robin", "proportional", "temperature")
-SCHEDULES = ("linear", "cosine", "constant")
-METRICS = ("accuracy", "f1_macro")
+from .model import MultiTaskModel, progress_bar
+from .recipes import TrainConfig
 
 
-@dataclass
-class TrainConfig:
-    """Everything that shapes a training run; defaults suit heads on a frozen backbone."""
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite: the run stopped instead of saving a broken model."""
 
-    epochs: int = 10
-    batch_size: int = 32
-    head_lr: float = 1e-3
-    backbone_lr: float = 2e-5
-    layer_lr_decay: float | None = None  # ULMFiT's 2.6: each layer down divides the rate by this
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # fraction of all steps spent warming up
-    schedule: str = "linear"
-    max_grad_norm: float | None = 1.0
-    sampling: str = "proportional"
-    temperature: float = 2.0
-    loss_weights: Mapping[str, float] = field(default_factory=dict)
-    train_tasks: Sequence[str] | None = None  # tasks that get batches; default: all given
-    select_on: Sequence[str] | None = None  # tasks whose mean validation score picks the best epoch
-    metric: str = "accuracy"
-    patience: int | None = None  # stop after this many epochs without a better validation score
-    evaluate_first: bool = True  # evaluate once before training (epoch 0)
-    group_by_length: bool = True
-    use_cache: bool = True
-    eval_batch_size: int = 128
-    seed: int = 0
-    progress: bool = True
 
-    def __post_init__(self) -> None:
-        for name, value, known in (("sampling", self.sampling, SAMPLINGS), ("schedule", self.schedule, SCHEDULES),
-                                   ("metric", self.metric, METRICS)):
-            if value not in known:
-                raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be at least 1, got {self.epochs} and {self.batch_size}")
-
+# --- which examples each step trains on ---------------------------------------------------------------------
 
 def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group_by_length: bool,
             window: int = 50) -> list[np.ndarray]:
-    """One epoch of shuffled index batches; with grouping, similar lengths share a batch (less padding)."""
+    """One epoch of shuffled, full index batches; with grouping, similar lengths share a batch (less padding).
+
+    Every batch holds `batch_size` examples (so it splits evenly over processes): when the examples do not
+    fill the last batch, it is topped up with examples from the start of the same shuffled epoch.
+    """
     order = rng.permutation(len(lengths))
+    order = np.resize(order, math.ceil(len(order) / batch_size) * batch_size)
     if group_by_length:
         # sort within windows of `window` batches: batches stay random but hold similar lengths
         size = window * batch_size
@@ -78,12 +51,6 @@ def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, grou
         ])
     out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return [out[i] for i in rng.permutation(len(out))]
-
-
-def _stream(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: bool) -> Iterator[np.ndarray]:
-    """Endless batches of one task: a new shuffled epoch each time the last one runs out."""
-    while True:
-        yield from batches(lengths, batch_size, rng, group)
 
 
 def task_schedule(sizes: Mapping[str, int], steps: int, sampling: str, temperature: float,
@@ -98,22 +65,56 @@ def task_schedule(sizes: Mapping[str, int], steps: int, sampling: str, temperatu
     return list(rng.choice(names, size=steps, p=weights / weights.sum()))
 
 
+class TaskBatches(Sampler):
+    """The global batches of training, each from one task, in a plan drawn from `seed`: every process draws
+    the same plan, and Accelerate gives each its slice of every batch."""
+
+    def __init__(self, lengths: Mapping[str, np.ndarray], config: TrainConfig) -> None:
+        self.batch_size, self.drop_last = config.batch_size, False  # what Accelerate reads
+        self.config = config
+        self.sizes = {name: len(values) for name, values in lengths.items()}
+        self.steps = sum(math.ceil(size / config.batch_size) for size in self.sizes.values())
+        self.offsets = dict(zip(self.sizes, np.cumsum([0, *self.sizes.values()])))
+        self.rng = np.random.default_rng(config.seed)
+        self.streams = {name: self._stream(np.asarray(values)) for name, values in lengths.items()}
+
+    def _stream(self, lengths: np.ndarray) -> Iterator[np.ndarray]:
+        while True:  # a new shuffled epoch of this task whenever the last one runs out
+            yield from batches(lengths, self.batch_size, self.rng, self.config.group_by_length)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = task_schedule(self.sizes, self.steps, self.config.sampling, self.config.temperature, self.rng)
+        for name in plan:
+            yield (self.offsets[name] + next(self.streams[name])).tolist()
+
+
+def task_loader(lengths: Mapping[str, np.ndarray], config: TrainConfig) -> DataLoader:
+    """A DataLoader of (task, indices) batches: the examples are (task, index) pairs, batched by `TaskBatches`."""
+    examples = [(name, i) for name, values in lengths.items() for i in range(len(values))]
+    # a generator of its own: iterating must not draw from torch's global RNG (the dropout masks)
+    return DataLoader(examples, batch_sampler=TaskBatches(lengths, config), generator=torch.Generator().manual_seed(0),
+                      collate_fn=lambda items: (items[0][0], np.array([i for _, i in items])))
+
+
+# --- what the optimizer sees --------------------------------------------------------------------------------
+
 def optimizer_groups(model: MultiTaskModel, config: TrainConfig) -> list[dict]:
-    """AdamW parameter groups: heads at `head_lr`; backbone stages at `backbone_lr`, optionally discriminative."""
+    """AdamW parameter groups of the trainable parameters only: heads at `head_lr`; backbone stages at
+    `backbone_lr` for the top layer, times `layer_lr_decay` for each stage further down."""
     groups = [{"name": f"head {n}", "params": [p for p in h.parameters() if p.requires_grad], "lr": config.head_lr}
               for n, h in model.heads.items()]
-    stages = freezing.backbone_stages(model)
+    stages = bb.stages(model.backbone)
     top = len(stages) - 1
     for depth, (name, modules) in enumerate(stages):
-        lr = config.backbone_lr
-        if config.layer_lr_decay:
-            lr /= config.layer_lr_decay ** (top - depth)
         groups.append({"name": name, "params": [p for m in modules for p in m.parameters() if p.requires_grad],
-                       "lr": lr})
+                       "lr": config.backbone_lr * config.layer_lr_decay ** (top - depth)})
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen. Unfreeze a head or some backbone layers "
-                         "(freeze(model, 'backbone') trains the heads).")
+                         "(freezing.freeze_backbone(model) trains the heads).")
     return groups
 
 
@@ -133,20 +134,24 @@ def lr_lambda(total_steps: int, warmup: float, schedule: str):
 
 
 def make_accelerator(mixed_precision: str | None = None, cpu: bool = False) -> Accelerator:
-    """An Accelerator for `train`: DDP is told that each step uses one head, so the others get no gradient."""
+    """An Accelerator for `train`: each process gets a slice of every global batch, and DDP is told that each
+    step uses one head, so the others get no gradient."""
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True),
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def _check_accelerator(accelerator: Accelerator) -> Accelerator:
-    if accelerator.num_processes > 1 and not getattr(accelerator.ddp_handler, "find_unused_parameters", False):
-        raise ValueError("each training step uses one task's head, so DDP needs find_unused_parameters=True: "
-                         "create the accelerator with mtl_utils.training.make_accelerator()")
+    if accelerator.num_processes > 1 and not (accelerator.split_batches and getattr(
+            accelerator.ddp_handler, "find_unused_parameters", False)):
+        raise ValueError("several processes need split batches and DDP's find_unused_parameters (each step uses one "
+                         "task's head): create the accelerator with mtl_utils.training.make_accelerator()")
     return accelerator
 
 
-def _check_tasks(model: MultiTaskModel, tasks) -> dict:
-    tasks = {t.name: t for t in tasks} if not isinstance(tasks, Mapping) else dict(tasks)
+def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task]) -> dict[str, Task]:
+    """Tasks by name, each with a head that knows its labels."""
+    tasks = dict(tasks) if isinstance(tasks, Mapping) else {t.name: t for t in tasks}
     for name, task in tasks.items():
         if name not in model.heads:
             raise ValueError(f"task {name!r} has no head; this model's heads are: {', '.join(model.heads)}")
@@ -154,7 +159,7 @@ def _check_tasks(model: MultiTaskModel, tasks) -> dict:
             raise ValueError(f"task {name!r} has labels {tuple(task.label_names)} but its head knows "
                              f"{model.label_names[name]}")
         for split in ("train", "val"):
-            labels = getattr(task, split)["label"]
+            labels = task.split(split)["label"]
             bad = labels[(labels < 0) | (labels >= len(task.label_names))]
             if len(bad):
                 raise ValueError(f"task {name!r} {split} has labels the head doesn't know at rows "
@@ -162,149 +167,90 @@ def _check_tasks(model: MultiTaskModel, tasks) -> dict:
     return tasks
 
 
-@torch.no_grad()
-def predict_source(model: MultiTaskModel, task: str, source, n: int, batch_size: int = 128) -> np.ndarray:
-    """Class probabilities of one task for every text of a sentence source (eval mode, length-sorted batches)."""
-    was_training = model.training
-    model.eval()
-    order = np.argsort(-np.asarray(source.lengths), kind="stable")
-    probs = torch.empty(n, len(model.label_names[task]))
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        probs[torch.as_tensor(idx)] = torch.softmax(model(task, source(idx)), -1).float().cpu()
-    model.train(was_training)
-    return probs.numpy()
+# --- the loop -----------------------------------------------------------------------------------------------
 
-
-def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro-F1 and mean cross-entropy of predicted probabilities."""
-    pred = probs.argmax(-1)
-    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return {"accuracy": accuracy_score(labels, pred), "f1_macro": f1_score(labels, pred, average="macro"),
-            "loss": loss}
-
-
-def split_probabilities(model: MultiTaskModel, task, split: str = "val", use_cache: bool = True,
-                        progress: bool = False) -> np.ndarray:
-    """Class probabilities of one task for every sentence of one split."""
-    frame = task.split(split)
-    source = sentence_source(model, frame["text"].tolist(), use_cache, progress)
-    return predict_source(model, task.name, source, len(frame))
-
-
-def predicted_labels(model: MultiTaskModel, task, split: str = "test") -> np.ndarray:
-    """Predicted label ids of one task on one split (the test split unless told otherwise)."""
-    return split_probabilities(model, task, split).argmax(-1)
-
-
-def evaluate(model: MultiTaskModel, task, split: str = "val", use_cache: bool = True,
-             progress: bool = False) -> dict[str, float]:
-    """Accuracy, macro-F1 and loss of one task on one split."""
-    return scores(task.split(split)["label"].to_numpy(), split_probabilities(model, task, split, use_cache, progress))
-
-
-def train(model: MultiTaskModel, tasks, config: TrainConfig | None = None,
+def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], config: TrainConfig | None = None,
           accelerator: Accelerator | None = None) -> pd.DataFrame:
-    """Train `model` on `tasks` (Task objects); returns the history; the best epoch's weights are restored.
+    """Train `model` on `tasks`; returns the history (a row per epoch and task); the best epoch's weights are
+    restored at the end (epoch 0, the start, if no epoch beat it on validation).
 
-    The model trains on its own device. Under `accelerate launch` or `torchrun`, put it on
-    `accelerator.device` first: each process then trains on its share of every global batch.
+    The model trains on its own device; under `accelerate launch` or `torchrun`, put it on `accelerator.device`.
     """
     config = config or TrainConfig()
     accelerator = _check_accelerator(accelerator or make_accelerator())
-    tasks = _check_tasks(model, tasks)
-    train_names = list(config.train_tasks or tasks)
-    select_on = list(config.select_on or train_names)
-    for name in [*train_names, *select_on, *config.loss_weights]:
-        if name not in tasks:
-            raise ValueError(f"task {name!r} is not among the tasks given: {', '.join(tasks)}")
+    tasks = check_tasks(model, tasks)
+    names = list(config.train_tasks or tasks)
+    select_on = list(config.select_on or names)
+    for name in {*names, *select_on} - set(tasks):
+        raise ValueError(f"task {name!r} is not among the tasks given: {', '.join(tasks)}")
     groups = optimizer_groups(model, config)
-    trainable = {id(p) for g in groups for p in g["params"]}
-    model.tuned_backbone |= {n for n, p in model.backbone.named_parameters() if id(p) in trainable}
-    # the model trains on the device it is on; with several processes DDP wraps it (and averages gradients)
-    ddp_model = accelerator.prepare_model(model, device_placement=False)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    trainable = [p for g in groups for p in g["params"]]
+    model.tuned_backbone |= {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     progress = config.progress and accelerator.is_main_process
 
-    torch.manual_seed(config.seed + rank)  # dropout: each process draws its own masks for its own examples
-    rng = np.random.default_rng(config.seed)  # the same on every process: same tasks, same global batches
-    model.train()
-    # the first process computes (and writes the embedding cache), then the others read it from disk;
-    # the frozen-prefix cache lives in memory, so each process computes its own
+    # the first process computes the caches (and writes the embedding cache); the others then read it from disk
     with accelerator.main_process_first():
-        train_src = {n: sentence_source(model, tasks[n].train["text"].tolist(), config.use_cache, progress)
-                     for n in train_names}
-        val_src = {n: sentence_source(model, t.val["text"].tolist(), config.use_cache, progress)
+        train_src = {n: sentence_source(model, tasks[n].train["text"].tolist(), config.use_cache, progress,
+                                        config.prefix_layers) for n in names}
+        val_src = {n: sentence_source(model, t.val["text"].tolist(), config.use_cache, progress, config.prefix_layers)
                    for n, t in tasks.items()}
-    labels = {n: torch.tensor(tasks[n].train["label"].to_numpy()) for n in train_names}
-    streams = {n: _stream(np.asarray(train_src[n].lengths), config.batch_size, rng, config.group_by_length)
-               for n in train_names}
-    sizes = {n: len(tasks[n].train) for n in train_names}
-    steps = sum(math.ceil(s / config.batch_size) for s in sizes.values())
-
-    # the fused AdamW step is one kernel instead of a Python loop over tensors (18 ms -> 2 ms a step on 2 cores)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
-    optimizer = accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused))
+    labels = {n: torch.tensor(tasks[n].train["label"].to_numpy()) for n in names}
+    loader = accelerator.prepare_data_loader(task_loader({n: train_src[n].lengths for n in names}, config),
+                                             device_placement=False)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)  # one kernel a step
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.epochs * steps, config.warmup, config.schedule))
-
-    def validate(epoch: int, losses: dict[str, list[float]], seconds: float) -> float:
-        for name, task in tasks.items():
-            s = scores(task.val["label"].to_numpy(), predict_source(model, name, val_src[name], len(task.val),
-                                                                   config.eval_batch_size))
-            history.append({"epoch": epoch, "task": name,
-                            "train_loss": float(np.mean(losses[name])) if losses.get(name) else float("nan"),
-                            "val_loss": s["loss"], "val_accuracy": s["accuracy"], "val_f1_macro": s["f1_macro"],
-                            "seconds": seconds})
-        score = float(np.mean([r[f"val_{config.metric}"] for r in history[-len(tasks):] if r["task"] in select_on]))
-        return broadcast_object_list([score])[0]  # every process keeps the first one's best epoch and stops with it
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in trainable}
+        optimizer, lr_lambda(config.epochs * len(loader), config.warmup, config.schedule))
+    ddp_model = accelerator.prepare_model(model, device_placement=False)  # the same model in one process
+    torch.manual_seed(config.seed + accelerator.process_index)  # dropout masks: each process, its own examples
 
     history: list[dict] = []
-    best_score, best_epoch, best_state = -math.inf, 0, snapshot()
-    if config.evaluate_first:
-        best_score = validate(0, {}, 0.0)
+
+    def validate(epoch: int, losses: Mapping[str, list[float]], seconds: float) -> float:
+        for name, task in tasks.items():
+            s = scores(task.val["label"].to_numpy(), predict_proba(model, name, val_src[name], config.eval_batch_size))
+            history.append({"epoch": epoch, "task": name, "train_loss": float(np.mean(losses[name])) if losses.get(
+                name) else float("nan"), "val_loss": s["loss"], "val_accuracy": s["accuracy"],
+                "val_f1_macro": s["f1_macro"], "seconds": seconds})
+        score = float(np.mean([r[f"val_{config.metric}"] for r in history[-len(tasks):] if r["task"] in select_on]))
+        return broadcast_object_list([score])[0]  # every process keeps the first one's best epoch
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in trainable]
+
+    best_score, best_epoch, best_state = (validate(0, {}, 0.0) if config.evaluate_first else -math.inf), 0, snapshot()
     stale = 0
-    bar = tqdm(total=config.epochs * steps, desc="training", disable=not progress)
+    bar = progress_bar(total=config.epochs * len(loader), desc="training", enabled=progress)
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         model.train()
-        losses: dict[str, list[float]] = {n: [] for n in train_names}
-        plan = task_schedule(sizes, steps, config.sampling, config.temperature, rng)
-        bar.set_description(f"epoch {epoch}/{config.epochs}")
-        for name in plan:
-            idx = next(streams[name])  # the global batch; this process takes every world-th example of it
-            part = idx[rank::world]
-            share = len(part) / len(idx)
-            if not len(part):  # fewer examples than processes: run one at zero weight, so DDP still syncs
-                part = idx[:1]
+        losses: dict[str, list[float]] = {n: [] for n in names}
+        for step, (name, idx) in enumerate(loader, 1):
             with accelerator.autocast():
-                logits = ddp_model(name, train_src[name](part))
-                loss = F.cross_entropy(logits, labels[name][torch.as_tensor(part)].to(logits.device))
+                logits = ddp_model(name, train_src[name](idx))
+                loss = F.cross_entropy(logits, labels[name][torch.as_tensor(idx)].to(logits.device))
+            global_loss = accelerator.reduce(loss.detach(), "mean").item()  # the whole batch's, the same everywhere
+            if not math.isfinite(global_loss):
+                raise DivergedError(f"the loss became {global_loss} at epoch {epoch}, step {step} (task {name!r}): "
+                                    "training stopped and nothing was kept; lower the learning rates or check the data")
             optimizer.zero_grad(set_to_none=True)
-            # DDP averages the processes' gradients; weighting each by share * world makes that the global mean
-            accelerator.backward(config.loss_weights.get(name, 1.0) * loss * (share * world))
+            accelerator.backward(loss)
             if config.max_grad_norm:
-                accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], config.max_grad_norm)
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses[name].append(accelerator.reduce(loss.detach() * share, "sum").item())  # the global batch's loss
+            losses[name].append(global_loss)
             bar.update()
         score = validate(epoch, losses, time.perf_counter() - start)
         bar.set_postfix({f"val {config.metric}": f"{score:.3f}"})
         if score > best_score:
             best_score, best_epoch, best_state, stale = score, epoch, snapshot(), 0
-        else:
-            stale += 1
-            if config.patience is not None and stale >= config.patience:
-                break
+        elif config.patience is not None and (stale := stale + 1) >= config.patience:
+            break
     bar.close()
     with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in best_state.items():
-            params[name].copy_(value)
+        for param, value in zip(trainable, best_state):
+            param.copy_(value)
     accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # drops any mixed-precision wrapper on forward
     model.eval()
     table = pd.DataFrame(history)

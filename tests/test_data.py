@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtl_utils import assets, data
-from mtl_utils.assets import ChecksumError, MissingAssetError, asset_path
-from mtl_utils.data import DATASETS, SENTIMENT_LABELS, TREC_LABELS, load_task, task_from_dataframe
+from mtl_utils import data
+from mtl_utils.data import DATASETS, SENTIMENT_LABELS, TREC_LABELS, check_texts, load_task, task_from_dataframe
+from mtl_utils.offline import assets
+from mtl_utils.offline.assets import ChecksumError, MissingAssetError, asset_path
 
 
 def frame(counts: dict[str, int], start: int = 0) -> pd.DataFrame:
@@ -355,3 +356,19 @@ def test_with_train_sample_is_stratified_fixed_and_leaves_eval_splits():
     assert task.with_train_sample(len(task.train)) is task
     with pytest.raises(ValueError, match="n must be from 1 to the 240 training rows"):
         task.with_train_sample(241)
+
+
+def test_check_texts_names_what_is_wrong():
+    assert check_texts(("a", "b")) == ["a", "b"] and check_texts(pd.Series(["x"])) == ["x"]
+    with pytest.raises(TypeError, match="one string; wrap it in a list"):
+        check_texts("a sentence")
+    with pytest.raises(TypeError, match="got NoneType"):
+        check_texts(None)
+    with pytest.raises(TypeError, match="got dict"):  # a dict would silently predict its keys
+        check_texts({"a": 1})
+    with pytest.raises(ValueError, match="empty list"):
+        check_texts([])
+    with pytest.raises(ValueError, match=r"positions \[1, 2\]"):
+        check_texts(["fine", "  ", None])
+    with pytest.raises(ValueError, match=r"positions \[1\] are not valid Unicode"):
+        check_texts(["fine", "caf\udce9"])

@@ -1,8 +1,9 @@
-"""Train a multi-task model from the command line, in one process or several (`accelerate launch`, `torchrun`).
+"""The command line: train a multi-task model in one process or several (`accelerate launch`, `torchrun`).
 
-    python -m mtl_utils.train --task trec --task movies --freeze backbone --epochs 20 --head-lr 1e-2 --output runs/heads
+    python -m mtl_utils.cli train --task trec --task movies --freeze backbone --output runs/heads
 
-The first process writes `checkpoint/`, `history.csv` and `metrics.json` into `--output`.
+The first process writes `checkpoint/`, `history.csv` and `metrics.json` into `--output`. Only argparse and the
+torch-free recipes are imported up front, so `--help` answers at once; the library loads when a command runs.
 """
 
 from __future__ import annotations
@@ -14,41 +15,43 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
+from .recipes import (DEFAULT_BACKBONE, FREEZE_SCENARIOS, HEAD_KINDS, METRICS, SAMPLINGS, SCHEDULES, TASKS,
+                      TrainConfig)
 
-from . import freezing
-from .backbones import BackboneUnavailableError
-from .cache import atomic_path, atomic_write_text
-from .checkpoint import save_checkpoint
-from .data import DATASETS, Task, load_task, task_from_dataframe
-from .model import HEAD_KINDS, MultiTaskModel
-from .recipes import TASKS, build_model
-from .training import METRICS, SAMPLINGS, SCHEDULES, TrainConfig, evaluate, make_accelerator, train
-
-PROG = "python -m mtl_utils.train"
+PROG = "python -m mtl_utils.cli"
+BUILT_IN = ("trec", "movies", "amazon", "nyt", "tweets")  # mtl_utils.data.DATASETS (a test keeps them equal)
 EPILOG = f"""\
 examples:
-  {PROG} --task trec --task movies --epochs 20 --head-lr 1e-2 --output runs/heads
-  {PROG} --task tickets=tickets.csv --freeze backbone --unfreeze-last 2 --output runs/tickets
-  torchrun --standalone --nproc_per_node 2 -m mtl_utils.train --cpu ... (several CPU processes)
-  accelerate launch --multi_gpu --num_processes 4 -m mtl_utils.train --mixed-precision bf16 ... (4 GPUs)
+  {PROG} train --task trec --task movies --output runs/heads
+  {PROG} train --task tickets=tickets.csv --unfreeze-last 2 --output runs/tickets
+  torchrun --standalone --nproc_per_node 2 -m mtl_utils.cli train --cpu ... (several CPU processes)
+  accelerate launch --multi_gpu --num_processes 4 -m mtl_utils.cli train --mixed-precision bf16 ... (4 GPUs)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: every option, its help and its default (the defaults of TrainConfig)."""
+    """The command line: every command and option, its help and its default (the recipes' defaults)."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Multi-task sentence-transformer models from the command "
+                                     "line.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(commands)
+    return parser
+
+
+def add_train_parser(commands) -> argparse.ArgumentParser:
     d = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = commands.add_parser(
+        "train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a model and write its checkpoint, history and metrics",
         description="Train a multi-task model (one shared sentence-transformer backbone, one head per task)\n"
                     "and write its checkpoint, its history and its metrics. Runs as is in one process, or\n"
                     "under `accelerate launch` / `torchrun` in several: --batch-size is then the global batch.")
     data = parser.add_argument_group("model and data")
-    data.add_argument("--backbone", default="all-MiniLM-L6-v2", metavar="NAME_OR_PATH",
-                      help="a known backbone name (see mtl_utils.BACKBONES), a hub id, or a local "
+    data.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="NAME_OR_PATH",
+                      help="a known backbone name (see mtl_utils.backbone.BACKBONES), a hub id, or a local "
                            "SentenceTransformer folder (default: %(default)s)")
     data.add_argument("--task", action="append", dest="tasks", metavar="TASK",
-                      help=f"a task, repeatable: a built-in dataset ({', '.join(DATASETS)}) or NAME=path.csv with "
+                      help=f"a task, repeatable: a built-in dataset ({', '.join(BUILT_IN)}) or NAME=path.csv with "
                            "columns text,label (split train/val/test 80/10/10, stratified by label); "
                            f"default: {' and '.join(TASKS)}")
     data.add_argument("--split-seed", type=int, default=0, metavar="N",
@@ -58,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
 
     what = parser.add_argument_group("what trains")
-    what.add_argument("--freeze", choices=list(freezing.SCENARIOS), default="backbone",
-                      help="what is frozen: everything (nothing trains), the backbone (the heads train), one head "
-                           "(--frozen-head; the rest trains) or nothing (default: %(default)s)")
-    what.add_argument("--frozen-head", metavar="TASK", help="the task whose head stays frozen, with --freeze head")
+    what.add_argument("--freeze", choices=list(FREEZE_SCENARIOS), default="backbone",
+                      help="what is frozen: " + "; ".join(f"{k}: {v}" for k, v in FREEZE_SCENARIOS.items())
+                           + " (default: %(default)s)")
+    what.add_argument("--freeze-head", action="append", default=[], metavar="TASK",
+                      help="after --freeze, this task's head stays frozen (repeatable)")
     what.add_argument("--unfreeze-last", type=int, metavar="K",
-                      help="after --freeze, exactly the backbone's last K transformer layers train")
+                      help="after --freeze, the backbone's top K transformer layers train too")
     what.add_argument("--unfreeze-embeddings", action="store_true",
                       help="with --unfreeze-last: the token embeddings train too")
 
@@ -76,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--backbone-lr", type=float, default=d.backbone_lr, metavar="LR",
                      help="learning rate of the backbone's top layer (default: %(default)s)")
     opt.add_argument("--layer-lr-decay", type=float, default=d.layer_lr_decay, metavar="F",
-                     help="discriminative rates: each backbone layer further down divides the rate by F "
-                          "(ULMFiT uses 2.6; default: the same rate everywhere)")
+                     help="discriminative rates: each backbone layer further down multiplies the rate by F "
+                          "(BERT fine-tuning studies use about 0.95; default: %(default)s, the same rate everywhere)")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="W",
                      help="AdamW weight decay (default: %(default)s)")
     opt.add_argument("--warmup", type=float, default=d.warmup, metavar="FRACTION",
@@ -107,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true",
                      help="run the whole backbone on every batch instead of the embedding or frozen-prefix cache")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_train)
     return parser
 
 
@@ -114,13 +119,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line; a bad combination exits with a message, like argparse does."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.freeze == "head") != (args.frozen_head is not None):
-        parser.error("--freeze head and --frozen-head TASK go together")
-    if args.unfreeze_embeddings and args.unfreeze_last is None:
-        parser.error("--unfreeze-embeddings goes with --unfreeze-last K")
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch-size must be at least 1")
-    args.tasks = args.tasks or list(TASKS)
+    if args.command == "train":
+        if args.unfreeze_embeddings and args.unfreeze_last is None:
+            parser.error("--unfreeze-embeddings goes with --unfreeze-last K")
+        try:
+            train_config(args)
+        except ValueError as error:
+            parser.error(str(error))
+        args.tasks = args.tasks or list(TASKS)
     return args
 
 
@@ -134,8 +140,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         use_cache=not args.no_cache, progress=not args.no_progress)
 
 
-def load_tasks(specs: list[str], split_seed: int = 0) -> list[Task]:
+def load_tasks(specs: list[str], split_seed: int = 0):
     """Each spec is a built-in dataset name, or NAME=path.csv with columns text,label."""
+    import pandas as pd
+
+    from .data import DATASETS, load_task, task_from_dataframe
+
     tasks = []
     for spec in specs:
         name, is_file, path = spec.partition("=")
@@ -153,11 +163,15 @@ def load_tasks(specs: list[str], split_seed: int = 0) -> list[Task]:
     return tasks
 
 
-def apply_freezing(model: MultiTaskModel, args: argparse.Namespace) -> MultiTaskModel:
-    """The freeze scenario, then (if asked) the last K layers unfrozen."""
-    freezing.freeze(model, args.freeze, head=args.frozen_head)
+def apply_freezing(model, args: argparse.Namespace):
+    """The freeze scenario, then (if asked) the top K layers unfrozen and some heads frozen."""
+    from . import freezing
+
+    freezing.freeze(model, args.freeze)
     if args.unfreeze_last is not None:
-        freezing.unfreeze_last_layers(model, args.unfreeze_last, embeddings=args.unfreeze_embeddings)
+        freezing.unfreeze_last(model, args.unfreeze_last, embeddings=args.unfreeze_embeddings)
+    for task in args.freeze_head:
+        freezing.freeze_head(model, task)
     if not freezing.trainable_parameters(model):
         raise ValueError(f"nothing to train with --freeze {args.freeze}: every parameter is frozen")
     return model
@@ -171,9 +185,16 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
+def run_train(args: argparse.Namespace) -> dict | None:
     """Train as the command line says; returns the metrics (None on every process but the first)."""
-    args = parse_args(argv)
+    from . import freezing
+    from .backbone import BackboneUnavailableError
+    from .checkpoint import save_checkpoint
+    from .evaluation import evaluate
+    from .offline.cache import atomic_path, atomic_write_text
+    from .series import build_model
+    from .training import make_accelerator, train
+
     start = time.perf_counter()
     accelerator = make_accelerator(args.mixed_precision, cpu=args.cpu)
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -203,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             "tasks": {t.name: {"labels": list(t.label_names), "train": len(t.train), "val": len(t.val),
                                "test": len(t.test)} for t in tasks},
             "trainable_parameters": freezing.count_trainable(model),
-            "config": {"command_line": vars(args), "train": asdict(config)},
+            "config": {"command_line": {k: v for k, v in vars(args).items() if k != "run"}, "train": asdict(config)},
         }
         save_checkpoint(model, out / "checkpoint")
         with atomic_path(out / "history.csv") as tmp:
@@ -217,6 +238,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def main(argv: list[str] | None = None):
+    """Run the command the command line names."""
+    args = parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

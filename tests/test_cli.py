@@ -1,4 +1,4 @@
-"""The command line (`python -m mtl_utils.train`), and the same training in two CPU processes (torchrun, gloo)."""
+"""The command line (`python -m mtl_utils.cli`), and the same training in two CPU processes (torchrun, gloo)."""
 
 from __future__ import annotations
 
@@ -21,23 +21,23 @@ from sentence_transformers import SentenceTransformer
 
 from mtl_utils import features
 from mtl_utils.checkpoint import load_checkpoint
-from mtl_utils.train import build_parser, load_tasks, main, parse_args, train_config
-from mtl_utils.training import TrainConfig, evaluate
+from mtl_utils.cli import build_parser, load_tasks, main, parse_args, train_config
+from mtl_utils.evaluation import evaluate
+from mtl_utils.recipes import TrainConfig
 
 WORDS = "the a movie film plot actor story scene was is very quite rather".split()
 
-# Two processes sum each batch in another order than one (each averages its part, then DDP averages the
-# parts), so gradients differ in the last float32 bits. After the 66 Adam steps below, weights, losses and
+# Two processes sum each batch in another order than one (each averages its half, then DDP averages the
+# halves), so gradients differ in the last float32 bits. After the Adam steps below, weights, losses and
 # scores stay within 1.5e-7 of the one-process run (measured); 1e-5 leaves room for other CPUs' kernels and
-# still catches a wrong split: averaging the 4- and 3-example parts of a batch of 7 unweighted moves the
-# weights by far more (checked by breaking the weighting on purpose).
+# still catches a wrong split (two processes training on different whole batches move the weights by far more).
 TOLERANCE = 1e-5
 
 # Counts this process's backbone forward passes, then runs the command line unchanged.
 SPY = '''
 import json, os, sys
 from sentence_transformers import SentenceTransformer
-from mtl_utils.train import main
+from mtl_utils.cli import main
 
 calls = []
 forward = SentenceTransformer.forward
@@ -86,10 +86,10 @@ WHAT_TRAINS = {"heads": [], "last layer": ["--unfreeze-last", "1"]}
 
 
 def cli_args(workdir: Path, output: str, *extra: str) -> list[str]:
-    # 120 topic and 105 mood training rows in batches of 7: parts of 4 and 3 examples on two processes,
-    # and each topic epoch ends with a batch of 1, so the second process runs one example at zero weight
-    return ["--backbone", str(workdir / "backbone"), "--task", f"topic={workdir / 'topic.csv'}",
-            "--task", f"mood={workdir / 'mood.csv'}", "--epochs", "2", "--batch-size", "7", "--head-lr", "0.05",
+    # 120 topic and 105 mood training rows in global batches of 8: 4 examples on each of two processes; mood's
+    # last batch of an epoch is topped up with examples from the start of that epoch, so it splits evenly too
+    return ["train", "--backbone", str(workdir / "backbone"), "--task", f"topic={workdir / 'topic.csv'}",
+            "--task", f"mood={workdir / 'mood.csv'}", "--epochs", "2", "--batch-size", "8", "--head-lr", "0.05",
             "--backbone-lr", "3e-3", "--cpu", "--no-progress", "--output", output, *extra]
 
 
@@ -114,36 +114,52 @@ def one_process(workdir, tmp_path_factory):
 def test_help_documents_every_option(capsys):
     parser = build_parser()
     with pytest.raises(SystemExit) as stop:
-        parser.parse_args(["--help"])
+        parser.parse_args(["train", "--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    flags = {flag for action in parser._actions for flag in action.option_strings}
-    assert {"--backbone", "--task", "--freeze", "--frozen-head", "--unfreeze-last", "--unfreeze-embeddings", "--head",
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    flags = {flag for action in train_parser._actions for flag in action.option_strings}
+    assert {"--backbone", "--task", "--freeze", "--freeze-head", "--unfreeze-last", "--unfreeze-embeddings", "--head",
             "--epochs", "--batch-size", "--head-lr", "--backbone-lr", "--layer-lr-decay", "--sampling", "--seed",
             "--mixed-precision", "--output", "--no-progress"} <= flags
-    for action in parser._actions:
+    for action in train_parser._actions:
         assert action.help, f"{action.option_strings} has no help"
         assert all(flag in text for flag in action.option_strings)
     assert "torchrun" in text and "accelerate launch" in text
 
 
 def test_parse_args_defaults_and_errors(capsys):
-    args = parse_args(["--output", "out"])
+    args = parse_args(["train", "--output", "out"])
     assert args.tasks == ["trec", "movies"] and args.freeze == "backbone" and args.mixed_precision == "no"
     assert train_config(args) == TrainConfig(progress=True)  # the command line's defaults are the library's
-    config = train_config(parse_args(["--output", "out", "--max-grad-norm", "0", "--no-cache", "--layer-lr-decay",
-                                      "2.6", "--sampling", "temperature", "--no-progress"]))
-    assert config.max_grad_norm is None and not config.use_cache and config.layer_lr_decay == 2.6
+    config = train_config(parse_args(["train", "--output", "out", "--max-grad-norm", "0", "--no-cache",
+                                      "--layer-lr-decay", "0.95", "--sampling", "temperature", "--no-progress"]))
+    assert config.max_grad_norm is None and not config.use_cache and config.layer_lr_decay == 0.95
     assert config.sampling == "temperature" and not config.progress
-    for argv, message in ((["--freeze", "head"], "--frozen-head"), (["--frozen-head", "trec"], "--frozen-head"),
-                          (["--unfreeze-embeddings"], "--unfreeze-last"), (["--freeze", "all"], "invalid choice"),
-                          (["--epochs", "0"], "at least 1")):
+    for argv, message in ((["--unfreeze-embeddings"], "--unfreeze-last"), (["--freeze", "all"], "invalid choice"),
+                          (["--epochs", "0"], "epochs must be an integer of at least 1"),
+                          (["--head-lr", "nan"], "head_lr must be a finite number"),
+                          (["--temperature", "0"], "temperature must be a finite number above 0")):
         with pytest.raises(SystemExit) as stop:
-            parse_args([*argv, "--output", "out"])
+            parse_args(["train", *argv, "--output", "out"])
         assert stop.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parse_args([])
+        parse_args(["train"])
     assert "--output" in capsys.readouterr().err
+
+
+def test_the_command_line_knows_the_library_s_names():
+    from mtl_utils import cli, data, freezing, model, training
+
+    assert cli.BUILT_IN == tuple(data.DATASETS)
+    assert model.HEAD_KINDS == cli.HEAD_KINDS and set(freezing._SCENARIOS) == set(cli.FREEZE_SCENARIOS)
+    assert training.TrainConfig is cli.TrainConfig
+
+
+def test_help_answers_without_loading_torch():
+    code = "import sys; from mtl_utils.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
 
 
 def test_load_tasks_from_csv(workdir, tmp_path):
@@ -170,7 +186,7 @@ def test_single_process_run_writes_checkpoint_history_and_metrics(workdir, one_p
     assert saved == json.loads(json.dumps(metrics))
     assert saved["world_size"] == 1 and saved["device"] == "cpu" and saved["mixed_precision"] == "no"
     assert saved["tasks"]["topic"] == {"labels": ["what", "where", "who"], "train": 120, "val": 15, "test": 15}
-    assert saved["config"]["train"]["batch_size"] == 7 and saved["config"]["command_line"]["unfreeze_last"] == 1
+    assert saved["config"]["train"]["batch_size"] == 8 and saved["config"]["command_line"]["unfreeze_last"] == 1
     assert saved["elapsed_seconds"] > 0 and saved["trainable_parameters"] > 0
     history = pd.read_csv("run/history.csv")
     assert list(history.columns) == ["epoch", "task", "train_loss", "val_loss", "val_accuracy", "val_f1_macro",
@@ -193,7 +209,7 @@ def test_command_line_errors_are_one_line(workdir, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="nothing to train with --freeze everything"):
         main(cli_args(workdir, "run", "--freeze", "everything"))
     with pytest.raises(SystemExit, match="unknown head 'topics'"):
-        main(cli_args(workdir, "run", "--freeze", "head", "--frozen-head", "topics"))
+        main(cli_args(workdir, "run", "--freeze-head", "topics"))
     AcceleratorState._reset_state(reset_partial_state=True)  # a process has one precision: start a new one
     with pytest.raises(SystemExit, match="fp16 needs a GPU"):
         main(cli_args(workdir, "run", "--mixed-precision", "fp16"))
@@ -208,7 +224,7 @@ def test_two_processes_match_one(workdir, one_process, tmp_path, monkeypatch, wh
 
     # "heads": the backbone is frozen, its embeddings come from the disk cache; a spy counts each process's
     # backbone passes. "last layer": DDP syncs backbone gradients; the plain command runs.
-    program = ["-m", "mtl_utils.train"]
+    program = ["-m", "mtl_utils.cli"]
     if what_trains == "heads":
         (tmp_path / "spy.py").write_text(SPY)
         program = ["spy.py"]
@@ -242,8 +258,9 @@ def test_two_processes_match_one(workdir, one_process, tmp_path, monkeypatch, wh
         # the first process computed and wrote every embedding; the second read them and never ran the backbone
         calls = [json.loads(Path(f"backbone_calls.{rank}.json").read_text()) for rank in (0, 1)]
         assert calls[0] > 0 and calls[1] == 0, calls
-        entries = sorted((tmp_path / "cache2" / "embeddings").iterdir())
-        assert len(entries) == 6 and all(p.suffix == ".safetensors" for p in entries)  # train/val/test x 2; no temp
+        (store,) = (tmp_path / "cache2" / "embeddings").iterdir()  # one backbone
+        entries = sorted(store.iterdir())  # a shard per split computed: train, val (training), test (metrics)
+        assert len(entries) == 6 and all(p.name.startswith("shard-") and p.suffix == ".safetensors" for p in entries)
         stamps = {p.name: p.stat().st_mtime_ns for p in entries}
         monkeypatch.setenv("MTL_UTILS_CACHE", str(tmp_path / "cache2"))
         features.clear_memory_cache()

@@ -1,4 +1,5 @@
-"""Backbones: the registry, offline materialisation (mpnet from parts, MiniLM-L3 from ONNX), quiet loading, helpers."""
+"""The backbone: the registry, offline materialisation (mpnet from parts, MiniLM-L3 from ONNX), quiet loading,
+its structure, and running its layers one range at a time."""
 
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_utils import backbones
-from mtl_utils.backbones import (
+from mtl_utils import backbone as backbones
+from mtl_utils.backbone import (
     BACKBONES,
-    MPNET_SAFETENSORS_SHA256,
     BackboneUnavailableError,
+    backbone_disk_bytes,
     backbone_path,
     backbone_table,
-    embedding_module,
+    folder_bytes,
     load_backbone,
-    transformer_layers,
 )
-from mtl_utils.cache import COMPLETE_MARKER, is_complete, sha256_file
+from mtl_utils.model import eval_mode
+from mtl_utils.offline.cache import COMPLETE_MARKER, is_complete, sha256_file
+from mtl_utils.offline.models import MPNET_SAFETENSORS_SHA256
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning", "error::FutureWarning")
 
@@ -64,18 +66,74 @@ def test_registry_is_ordered_and_frozen():
         BACKBONES["all-MiniLM-L6-v2"].dim = 1  # type: ignore[misc]
 
 
-def test_transformer_layers_and_embedding_module(tiny_backbone):
-    layers = transformer_layers(tiny_backbone)
+def test_structure_layers_embeddings_and_stages(tiny_backbone):
+    layers = backbones.layers(tiny_backbone)
     assert isinstance(layers, torch.nn.ModuleList) and len(layers) == 3
     assert layers is tiny_backbone[0].auto_model.encoder.layer
-    assert embedding_module(tiny_backbone) is tiny_backbone[0].auto_model.embeddings
+    assert backbones.embeddings(tiny_backbone) is tiny_backbone[0].auto_model.embeddings
+    assert backbones.transformer(tiny_backbone) is tiny_backbone[0].auto_model
+    assert backbones.architecture(tiny_backbone) == "bert" and backbones.hidden_size(tiny_backbone) == 32
+    stages = backbones.stages(tiny_backbone)
+    assert [name for name, _ in stages] == ["embeddings", "layer 0", "layer 1", "layer 2"]
+    assert [m for _, modules in stages[1:] for m in modules] == list(layers)
+    assert backbones.unused_modules(tiny_backbone) == [tiny_backbone[0].auto_model.pooler]
 
 
 def test_helpers_reject_a_model_without_layers():
-    with pytest.raises(TypeError, match="auto_model"):
-        transformer_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
-    with pytest.raises(TypeError, match="auto_model"):
-        embedding_module(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    for helper in (backbones.layers, backbones.embeddings, backbones.stages):
+        with pytest.raises(TypeError, match="auto_model"):
+            helper(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+TEXTS = ["what a movie", "who was the actor in this long film about a story", "good", "a rather quiet plot"]
+
+
+def test_layers_run_by_range_give_what_the_whole_backbone_gives(tiny_backbone):
+    features = tiny_backbone.preprocess(TEXTS)
+    mask = features["attention_mask"]
+    with torch.no_grad(), eval_mode(tiny_backbone):
+        whole = tiny_backbone(dict(features))["sentence_embedding"]
+        states = backbones.hidden_states(tiny_backbone, features)
+        hidden = backbones.embed_tokens(tiny_backbone, features)
+        torch.testing.assert_close(hidden, states[0], rtol=0, atol=1e-6)
+        for start, stop in ((0, 1), (1, 2), (2, None)):  # layer by layer ...
+            hidden = backbones.run_layers(tiny_backbone, hidden, mask, start, stop)
+            torch.testing.assert_close(hidden, states[stop or 3], rtol=0, atol=1e-5)
+        torch.testing.assert_close(backbones.pool(tiny_backbone, hidden, mask), whole, rtol=0, atol=1e-6)
+        backbones.check_layer_running(tiny_backbone, features)  # ... and the check that guards it passes
+
+
+def test_a_layer_runner_that_drifts_is_caught(tiny_backbone, monkeypatch):
+    features = tiny_backbone.preprocess(TEXTS)
+    real = backbones.run_layers
+    monkeypatch.setattr(backbones, "run_layers", lambda st, h, m, start=0, stop=None: real(st, h, m, start, 2))
+    with torch.no_grad(), eval_mode(tiny_backbone), pytest.raises(RuntimeError, match="use_cache=False"):
+        backbones.check_layer_running(tiny_backbone, features)
+
+
+def test_unknown_architecture_is_refused_by_the_layer_runner(tiny_backbone, monkeypatch):
+    monkeypatch.setattr(tiny_backbone[0].auto_model.config, "model_type", "gpt2")
+    with pytest.raises(NotImplementedError, match="bert, mpnet.*'gpt2'.*use_cache=False"):
+        backbones.embed_tokens(tiny_backbone, tiny_backbone.preprocess(TEXTS))
+
+
+def test_folder_bytes_counts_nested_files_but_not_the_cache_marker(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b.json").write_bytes(b"y" * 5)
+    (tmp_path / COMPLETE_MARKER).write_text("{}")
+    assert folder_bytes(tmp_path) == 15
+
+
+def test_backbone_disk_bytes_of_the_installed_minilm():
+    size = backbone_disk_bytes("all-MiniLM-L6-v2")
+    weights = backbones.backbone_path("all-MiniLM-L6-v2") / "model.safetensors"
+    assert weights.stat().st_size < size < weights.stat().st_size + 2_000_000  # weights plus tokenizer and configs
+
+
+def test_backbone_disk_bytes_of_a_hub_only_backbone_names_its_stand_in():
+    with pytest.raises(BackboneUnavailableError, match="paraphrase-MiniLM-L3-v2"):
+        backbone_disk_bytes("paraphrase-MiniLM-L6-v2")
 
 
 def test_load_local_folder_is_quiet_and_in_eval_mode(tiny_backbone_dir, capfd):
@@ -174,7 +232,7 @@ def test_minilm_l6(shared_cache, capfd):
     model = load_backbone("all-MiniLM-L6-v2")
     assert capfd.readouterr() == ("", "")
     assert backbone_path("all-MiniLM-L6-v2").name == "model"  # used in place, not copied into the cache
-    assert len(transformer_layers(model)) == 6 and model.get_embedding_dimension() == 384
+    assert len(backbones.layers(model)) == 6 and model.get_embedding_dimension() == 384
     assert sum(p.numel() for p in model.parameters()) == 22_713_216
     assert model.max_seq_length == 256 and not model.training and model.mtl_name == "all-MiniLM-L6-v2"
     same, other = _sanity_cosines(model)  # measured: 0.755, -0.105
@@ -190,21 +248,23 @@ def test_mpnet_reassembled_once_and_verified(shared_cache):
     marker = (folder / COMPLETE_MARKER).stat()
     model = load_backbone("all-mpnet-base-v2")
     assert (folder / COMPLETE_MARKER).stat().st_ino == marker.st_ino  # not rebuilt
-    assert len(transformer_layers(model)) == 12 and model.get_embedding_dimension() == 768
+    assert len(backbones.layers(model)) == 12 and model.get_embedding_dimension() == 768
     assert sum(p.numel() for p in model.parameters()) == 109_486_464
     assert model.max_seq_length == 384 and model.mtl_name == "all-mpnet-base-v2"
     same, other = _sanity_cosines(model)  # measured: 0.660, -0.056
     assert 0.6 < same < 0.85 and other < 0.2
+    with torch.no_grad():  # MPNet's layers (relative position bias) also run by range exactly
+        backbones.check_layer_running(model, model.preprocess(SANITY))
 
 
 @pytest.mark.assets
 def test_minilm_l3_rebuilt_from_onnx_matches_onnxruntime(shared_cache):
     import onnxruntime as ort
 
-    from mtl_utils.assets import asset_path
+    from mtl_utils.offline.assets import asset_path
 
     model = load_backbone("paraphrase-MiniLM-L3-v2")
-    assert len(transformer_layers(model)) == 3 and model.get_embedding_dimension() == 384
+    assert len(backbones.layers(model)) == 3 and model.get_embedding_dimension() == 384
     assert sum(p.numel() for p in model.parameters()) == 17_389_824  # includes the (unused) pooler
     assert model.max_seq_length == 128 and len(model) == 2  # Transformer + mean Pooling, no Normalize
     sentences = SANITY + ["What is the capital of Australia?", "This movie was a complete waste of two hours.", "Hi"]

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -112,13 +112,4 @@ def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]], *extra: objec
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for value in extra:
         digest.update(repr(value).encode())
-    return digest.hexdigest()[:16]
-
-
-def texts_key(texts: Sequence[str]) -> str:
-    """A short SHA-256 of an ordered list of texts."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\0")
     return digest.hexdigest()[:16]

@@ -1,0 +1,191 @@
+"""Scores, predictions, and what a reader needs to trust a comparison: intervals, paired tests, the selection rule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from .data import Task
+from .features import sentence_source
+from .model import MultiTaskModel, map_batches
+
+Z95 = 1.959963984540054  # the standard normal's 97.5th percentile: 95% two-sided
+
+
+# --- predictions and scores ---------------------------------------------------------------------------------
+
+def predict_proba(model: MultiTaskModel, task: str, source, batch_size: int = 128) -> np.ndarray:
+    """Class probabilities of one task for every text of a sentence source (eval mode, length-sorted batches)."""
+    probs = map_batches(lambda idx: torch.softmax(model(task, source(idx)), -1).float().cpu(), source.lengths,
+                        batch_size, module=model)
+    return probs.numpy()
+
+
+def split_probabilities(model: MultiTaskModel, task: Task, split: str = "val", use_cache: bool = True,
+                        progress: bool = False) -> np.ndarray:
+    """Class probabilities of one task for every sentence of one split."""
+    frame = task.split(split)
+    return predict_proba(model, task.name, sentence_source(model, frame["text"].tolist(), use_cache, progress))
+
+
+def predicted_labels(model: MultiTaskModel, task: Task, split: str = "test") -> np.ndarray:
+    """Predicted label ids of one task on one split (the test split unless told otherwise)."""
+    return split_probabilities(model, task, split).argmax(-1)
+
+
+def scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean cross-entropy of predicted probabilities."""
+    labels = np.asarray(labels)
+    pred = probs.argmax(-1)
+    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return {"accuracy": float(accuracy_score(labels, pred)), "f1_macro": float(f1_score(labels, pred, average="macro")),
+            "loss": loss}
+
+
+def evaluate(model: MultiTaskModel, task: Task, split: str = "val", use_cache: bool = True,
+             progress: bool = False) -> dict[str, float]:
+    """Accuracy, macro-F1 and loss of one task on one split."""
+    return scores(task.split(split)["label"].to_numpy(), split_probabilities(model, task, split, use_cache, progress))
+
+
+# --- uncertainty --------------------------------------------------------------------------------------------
+
+def accuracy_interval(correct: int | Sequence[bool] | np.ndarray, n: int | None = None,
+                      z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of an accuracy: `correct` of `n`, or an array of right/wrong."""
+    if n is None:
+        right = np.asarray(correct, dtype=bool)
+        correct, n = int(right.sum()), len(right)
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n and n >= 1, got correct={correct}, n={n}")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two models on the same sentences: how often each is right where the other is wrong."""
+
+    n: int
+    both_right: int
+    only_first: int  # first right, second wrong
+    only_second: int  # second right, first wrong
+    difference: float  # accuracy of the first minus accuracy of the second
+    low: float  # 95% interval of the difference (Newcombe's score method for paired proportions)
+    high: float
+    p_value: float  # exact McNemar test: the discordant sentences split as by a fair coin?
+
+    def verdict(self, alpha: float = 0.05) -> str:
+        """"better", "worse" or "cannot tell" (the first model against the second, at level `alpha`)."""
+        if self.p_value >= alpha:
+            return "cannot tell"
+        return "better" if self.difference > 0 else "worse"
+
+    def describe(self, first: str = "first", second: str = "second") -> str:
+        """One line a notebook can print."""
+        return (f"{first} vs {second}: {100 * self.difference:+.1f} points [{100 * self.low:+.1f}, {100 * self.high:+.1f}], "
+                f"{self.only_first} vs {self.only_second} sentences only one got right, McNemar p = {self.p_value:.3g}"
+                f" -> {self.verdict()}")
+
+
+def paired_comparison(first_correct: Sequence[bool] | np.ndarray, second_correct: Sequence[bool] | np.ndarray,
+                      z: float = Z95) -> Paired:
+    """Compare two models on the same test sentences (exact McNemar test, interval of the accuracy difference)."""
+    from scipy.stats import binomtest
+
+    x, y = np.asarray(first_correct, dtype=bool), np.asarray(second_correct, dtype=bool)
+    if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"need two equally long, non-empty 1-d arrays of right/wrong, got shapes {x.shape}, {y.shape}")
+    n = len(x)
+    a, b, c = int((x & y).sum()), int((x & ~y).sum()), int((~x & y).sum())
+    d = n - a - b - c
+    p_value = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = accuracy_interval(a + b, n, z)
+    l2, u2 = accuracy_interval(a + c, n, z)
+    denominator = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(denominator) if denominator else 0.0
+    below = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    above = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    diff = p1 - p2
+    return Paired(n, a, b, c, diff, max(-1.0, diff - below), min(1.0, diff + above), p_value)
+
+
+def seed_summary(values: Sequence[float], z: float | None = None) -> dict[str, float]:
+    """Mean, standard deviation, range and a 95% t-interval of the mean of one measurement over seeds."""
+    from scipy.stats import t as student_t
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        raise ValueError(f"a spread needs at least 2 seeds, got {len(x)}")
+    sd = float(x.std(ddof=1))
+    half = float(student_t.ppf(0.975, len(x) - 1)) * sd / math.sqrt(len(x))
+    return {"seeds": len(x), "mean": float(x.mean()), "sd": sd, "min": float(x.min()), "max": float(x.max()),
+            "low": float(x.mean()) - half, "high": float(x.mean()) + half}
+
+
+# --- the selection rule -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Selection:
+    """What the selection rule kept, and a row per candidate saying why."""
+
+    chosen: str
+    table: pd.DataFrame
+    reason: str
+
+
+def select(candidates: Mapping[str, Mapping[str, float]], benchmark: str, val_sizes: Mapping[str, int],
+           trainable: Mapping[str, int], margin: float = 0.005, goal: Sequence[str] | None = None) -> Selection:
+    """The project's one rule for replacing a benchmark, decided on validation accuracy only.
+
+    `candidates` maps a run's name to its validation accuracy per task (the benchmark among them). A run
+    replaces the benchmark only if its mean over the `goal` tasks (default: all) beats the benchmark's by
+    `margin`, and no task falls below the benchmark by more than that task's noise (one standard error of
+    the benchmark's accuracy on that task's validation set). Among the runs that qualify, every one within
+    `margin` of the best counts as a tie, and the one with the fewest trainable parameters wins.
+    """
+    if benchmark not in candidates:
+        raise ValueError(f"the benchmark {benchmark!r} is not among the candidates {list(candidates)}")
+    tasks = list(candidates[benchmark])
+    goal = list(goal or tasks)
+    base = candidates[benchmark]
+    noise = {t: math.sqrt(base[t] * (1 - base[t]) / val_sizes[t]) for t in tasks}
+    rows = []
+    for name, accs in candidates.items():
+        mean = float(np.mean([accs[t] for t in goal]))
+        gain = mean - float(np.mean([base[t] for t in goal]))
+        fallen = [t for t in tasks if accs[t] < base[t] - noise[t]]
+        if name == benchmark:
+            why = "the benchmark"
+        elif gain < margin:
+            why = f"gains {100 * gain:+.1f} points on the mean, under the {100 * margin:.1f}-point margin"
+        elif fallen:
+            why = "; ".join(f"{t} falls {100 * (base[t] - accs[t]):.1f} points, more than its noise "
+                            f"({100 * noise[t]:.1f})" for t in fallen)
+        else:
+            why = "qualifies"
+        rows.append({"run": name, **{f"{t} val": accs[t] for t in tasks}, "mean val": mean, "gain (points)": 100 * gain,
+                     "trainable parameters": trainable[name], "qualifies": why == "qualifies", "why": why})
+    table = pd.DataFrame(rows)
+    qualified = table[table.qualifies]
+    if qualified.empty:
+        return Selection(benchmark, table, "no run beats the benchmark by the margin without a task falling "
+                                           "more than its noise: keep the benchmark")
+    best = qualified["mean val"].max()
+    ties = qualified[qualified["mean val"] >= best - margin]
+    chosen = ties.sort_values(["trainable parameters", "mean val"], ascending=[True, False]).iloc[0]["run"]
+    others = [r for r in ties["run"] if r != chosen]
+    reason = (f"{chosen} replaces the benchmark: {table.set_index('run').loc[chosen, 'gain (points)']:+.1f} points on "
+              f"the mean validation accuracy, no task below its noise"
+              + (f"; it ties (within the margin) with {', '.join(others)} and trains the fewest parameters"
+                 if others else ""))
+    return Selection(chosen, table, reason)

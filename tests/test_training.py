@@ -1,0 +1,161 @@
+"""The training loop: batches and task plans, what the optimizer sees, learning, reproducibility, stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mtl_utils import freezing, training
+from mtl_utils.data import task_from_dataframe
+from mtl_utils.evaluation import evaluate
+from mtl_utils.model import MultiTaskModel
+from mtl_utils.recipes import TrainConfig, finetune_config
+
+from helpers import synthetic_task
+
+
+@pytest.fixture
+def tasks():
+    return [synthetic_task("topic", ["what", "who", "where"]), synthetic_task("mood", ["good", "bad"], seed=1)]
+
+
+@pytest.fixture
+def model(tiny_backbone, tasks):
+    return MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")
+
+
+def test_optimizer_sees_only_trainable_parameters_with_rates_by_depth(model):
+    freezing.unfreeze_last(freezing.freeze_backbone(model), 1)
+    config = TrainConfig(layer_lr_decay=0.5, backbone_lr=1e-4)
+    groups = training.optimizer_groups(model, config)
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert freezing.count_trainable(model) == sum(p.numel() for g in groups for p in g["params"])
+    assert [g["name"] for g in groups] == ["head topic", "head mood", "layer 2"]
+    freezing.unfreeze_last(model, 3, embeddings=True)
+    lrs = {g["name"]: g["lr"] for g in training.optimizer_groups(model, config)}
+    assert lrs["layer 2"] == pytest.approx(1e-4) and lrs["layer 1"] == pytest.approx(5e-5)
+    assert lrs["layer 0"] == pytest.approx(2.5e-5) and lrs["embeddings"] == pytest.approx(1.25e-5)
+    freezing.freeze_all(model)
+    with pytest.raises(ValueError, match="nothing to train"):
+        training.optimizer_groups(model, config)
+
+
+def test_schedule_warms_up_then_decays():
+    factor = training.lr_lambda(100, 0.1, "linear")
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5, abs=0.01) and factor(99) < 0.02
+    cosine = training.lr_lambda(100, 0.0, "cosine")
+    assert cosine(0) == pytest.approx(1.0) and cosine(50) == pytest.approx(0.5)
+
+
+def test_task_sampling():
+    rng = np.random.default_rng(0)
+    sizes = {"a": 900, "b": 100}
+    assert training.task_schedule(sizes, 4, "round_robin", 1, rng) == ["a", "b", "a", "b"]
+    prop = training.task_schedule(sizes, 4000, "proportional", 1, rng)
+    assert prop.count("b") / 4000 == pytest.approx(0.1, abs=0.02)
+    temp = training.task_schedule(sizes, 4000, "temperature", 2.0, rng)
+    assert temp.count("b") / 4000 == pytest.approx(1 / 4, abs=0.02)  # sqrt(100) / (sqrt(900) + sqrt(100))
+
+
+def test_batches_are_full_cover_every_example_and_group_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, 3210)
+    padding = {}
+    for group in (False, True):
+        bs = training.batches(lengths, 32, np.random.default_rng(1), group)
+        assert {len(b) for b in bs} == {32} and len(bs) == 101  # 3210 = 100 batches + 10, topped up to a full one
+        flat = np.concatenate(bs)
+        assert set(flat.tolist()) == set(range(3210)) and len(flat) - len(set(flat.tolist())) == 22
+        padding[group] = sum(len(b) * lengths[b].max() - lengths[b].sum() for b in bs)
+    assert padding[True] < 0.2 * padding[False]
+    tiny = training.batches(np.ones(5), 8, np.random.default_rng(0), True)
+    assert len(tiny) == 1 and sorted(set(tiny[0].tolist())) == [0, 1, 2, 3, 4]
+
+
+def test_task_loader_follows_the_seeded_plan(tasks):
+    config = TrainConfig(batch_size=16, seed=3)
+    lengths = {t.name: np.array([len(x) for x in t.train.text]) for t in tasks}
+    first = [(name, idx.tolist()) for name, idx in training.task_loader(lengths, config)]
+    again = [(name, idx.tolist()) for name, idx in training.task_loader(lengths, config)]
+    assert first == again and len(first) == sum(-(-len(t.train) // 16) for t in tasks)
+    assert all(len(idx) == 16 and max(idx) < len(lengths[name]) for name, idx in first)
+    assert {name for name, _ in first} == {"topic", "mood"}
+
+
+def test_training_learns_and_is_reproducible(tiny_backbone_dir, tasks):
+    from sentence_transformers import SentenceTransformer
+
+    def run():
+        backbone = SentenceTransformer(str(tiny_backbone_dir), device="cpu")
+        m = MultiTaskModel(backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")
+        freezing.unfreeze_last(freezing.freeze_backbone(m), 1)
+        return m, training.train(m, tasks, TrainConfig(epochs=4, head_lr=0.05, backbone_lr=3e-3, progress=False))
+
+    model, history = run()
+    _, again = run()
+    pd.testing.assert_frame_equal(history.drop(columns="seconds"), again.drop(columns="seconds"))
+    first = history[history.epoch == 0].set_index("task")["val_accuracy"]
+    best = history[history.best].set_index("task")["val_accuracy"]
+    assert (best > first + 0.2).all(), (first, best)  # well above where it started
+    # the best epoch's weights were restored: evaluating now gives the best epoch's numbers
+    for task in tasks:
+        assert evaluate(model, task, "val")["accuracy"] == pytest.approx(best[task.name])
+    assert model.tuned_backbone and all(n.startswith("0.auto_model.encoder.layer.2.") or
+                                        n.startswith("0.model.encoder.layer.2.") for n in model.tuned_backbone)
+
+
+def test_frozen_parts_do_not_move(model, tasks):
+    freezing.freeze_backbone(model)
+    before = {n: p.clone() for n, p in model.backbone.named_parameters()}
+    training.train(model, tasks, TrainConfig(epochs=1, progress=False))
+    assert all(torch.equal(before[n], p) for n, p in model.backbone.named_parameters())
+    freezing.freeze_head(freezing.unfreeze_all(model), "topic")
+    head = {n: p.clone() for n, p in model.heads["topic"].named_parameters()}
+    training.train(model, tasks, TrainConfig(epochs=1, train_tasks=["mood"], backbone_lr=1e-3, evaluate_first=False,
+                                             progress=False))
+    assert all(torch.equal(head[n], p) for n, p in model.heads["topic"].named_parameters())
+
+
+def test_early_stopping_and_errors(model, tasks):
+    freezing.freeze_backbone(model)
+    history = training.train(model, tasks, TrainConfig(epochs=30, head_lr=0.0, patience=2, progress=False))
+    assert history.epoch.max() == 2  # nothing can improve with a zero learning rate
+    wrong = task_from_dataframe("mood", pd.DataFrame({"text": ["good", "bad", "fine"] * 10,
+                                                      "label": ["good", "bad", "fine"] * 10}))
+    with pytest.raises(ValueError, match="its head knows"):
+        training.train(model, [wrong], TrainConfig(epochs=1, progress=False))
+    with pytest.raises(ValueError, match="'size' is not among the tasks"):
+        training.train(model, tasks, TrainConfig(epochs=1, select_on=["size"], progress=False))
+    freezing.freeze_all(model)
+    with pytest.raises(ValueError, match="nothing to train"):
+        training.train(model, tasks, TrainConfig(epochs=1, progress=False))
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_epoch_and_step(model, tasks):
+    freezing.freeze_backbone(model)
+    with torch.no_grad():
+        model.heads["topic"].weight.fill_(float("nan"))  # as a NaN learning rate leaves it after one step
+    with pytest.raises(training.DivergedError, match=r"epoch 1, step \d+ \(task 'topic'\).*nothing was kept"):
+        training.train(model, tasks, TrainConfig(epochs=2, progress=False))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"head_lr": float("nan")}, "head_lr must be a finite number"), ({"backbone_lr": -1e-3}, "at least 0"),
+    ({"epochs": 0}, "epochs must be an integer"), ({"batch_size": 2.5}, "batch_size must be an integer"),
+    ({"temperature": 0}, "temperature must be a finite number above 0"), ({"layer_lr_decay": 0}, "above 0"),
+    ({"warmup": 1.0}, "warmup is a fraction"), ({"max_grad_norm": float("inf")}, "max_grad_norm"),
+    ({"sampling": "random"}, "unknown sampling"), ({"patience": 0}, "patience"), ({"prefix_layers": -1}, "prefix"),
+])
+def test_config_refuses_what_cannot_train(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_recipes_are_configs():
+    assert TrainConfig().epochs == 20 and TrainConfig().head_lr == 1e-2
+    tuned = finetune_config(epochs=3)
+    assert (tuned.epochs, tuned.head_lr, tuned.backbone_lr, tuned.layer_lr_decay) == (3, 1e-3, 2e-4, 0.95)
+    assert tuned.but(seed=1).seed == 1 and tuned.seed == 0
