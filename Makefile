@@ -35,6 +35,7 @@ run: $(STAMP)
 		echo "   $$(( $$(date +%s) - start )) s"; \
 	done
 	@echo "figures and tables: $(notdir $(MTL_UTILS_RESULTS))/"
+	@if [ -f "$(MTL_UTILS_RESULTS)/08_which_freezing/which_freezing.csv" ]; then $(PY) -m mtl_utils.results readme; fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env --durations=12
@@ -53,12 +54,15 @@ bench: $(STAMP)
 bench-notebooks: $(STAMP)
 	$(PY) -m benchmarks notebooks
 
-# notebook 07 again on all-mpnet-base-v2 (papermill parameters): the executed copy is reruns/07_staged_unfreezing_mpnet.ipynb,
-# its figures and tables go to results/mpnet/; the first run also trains mpnet's heads checkpoint
+# notebook 07 again on all-mpnet-base-v2, on all the training data (papermill parameters): the executed copy is
+# reruns/07_staged_unfreezing_mpnet.ipynb, its figures and tables go to results/mpnet/; the first run also trains
+# mpnet's heads checkpoint (every sentence encoded once)
+MPNET_PARAMETERS := -p BACKBONE all-mpnet-base-v2 -p EPOCHS 2 -p LORA_LAYERS 3 \
+	-y 'GROUPS: {"all the training data": {sample: null, runs: [1, 2, 3, lora]}}' \
+	-y 'SPREAD: null' -y 'AIMS: {trec: 0.97, movies: 0.88}'
 rerun-mpnet: $(STAMP)
 	MTL_UTILS_RESULTS=$(MTL_UTILS_RESULTS)/mpnet $(VENV)/bin/papermill --no-progress-bar --cwd notebooks \
-		notebooks/07_staged_unfreezing.ipynb reruns/07_staged_unfreezing_mpnet.ipynb \
-		-p BACKBONE all-mpnet-base-v2 -p TRAIN_SAMPLE 300 -p EPOCHS 2
+		notebooks/07_staged_unfreezing.ipynb reruns/07_staged_unfreezing_mpnet.ipynb $(MPNET_PARAMETERS)
 
 clean:
 	rm -rf $(VENV) .cache results .pytest_cache

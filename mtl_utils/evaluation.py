@@ -189,3 +189,64 @@ def select(candidates: Mapping[str, Mapping[str, float]], benchmark: str, val_si
               + (f"; it ties (within the margin) with {', '.join(others)} and trains the fewest parameters"
                  if others else ""))
     return Selection(chosen, table, reason)
+
+
+# --- per-task noise and per-class reports -------------------------------------------------------------------
+
+def task_noise(accuracy: float, n: int) -> float:
+    """One standard error of an accuracy measured on `n` sentences: the noise `select` allows a task to fall."""
+    if n < 1 or not 0 <= accuracy <= 1:
+        raise ValueError(f"need an accuracy in [0, 1] and n >= 1, got accuracy={accuracy}, n={n}")
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+def fallen_tasks(accuracies: Mapping[str, float], base: Mapping[str, float], val_sizes: Mapping[str, int]) -> list[str]:
+    """The tasks whose validation accuracy falls below `base`'s by more than that task's noise (select's rule)."""
+    return [t for t in base if accuracies[t] < base[t] - task_noise(base[t], val_sizes[t])]
+
+
+def class_report(labels: np.ndarray, probs: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Per class: precision, recall, F1 and support (sklearn); and the confusion matrix (rows: true labels)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    classes = list(range(len(label_names)))
+    pred = np.asarray(probs).argmax(-1)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, pred, labels=classes, zero_division=0)
+    return {
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(label_names, precision, recall, f1, support)},
+        "confusion_matrix": {"labels": list(label_names), "rows": "true label", "columns": "predicted label",
+                             "counts": confusion_matrix(labels, pred, labels=classes).tolist()},
+    }
+
+
+# --- comparisons on test sets -------------------------------------------------------------------------------
+
+def correct(model: MultiTaskModel, task: Task, split: str = "test") -> np.ndarray:
+    """Right (True) or wrong for each sentence of one split, in the split's order."""
+    return predicted_labels(model, task, split) == task.split(split)["label"].to_numpy()
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval of p1 - p2 for two independent samples (Newcombe's hybrid score method, method 10)."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = accuracy_interval(k1, n1, z)
+    l2, u2 = accuracy_interval(k2, n2, z)
+    diff = p1 - p2
+    return diff - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), diff + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def compare_on_test(right: Mapping[str, np.ndarray], baseline: Mapping[str, np.ndarray] | None = None
+                    ) -> dict[str, float]:
+    """Per task: the accuracy and its 95% interval; against a baseline on the same sentences, the change in points,
+    its 95% interval and the exact McNemar p-value (keys "<task>", "<task> low", ..., "<task> p")."""
+    out: dict[str, float] = {}
+    for task, ok in right.items():
+        ok = np.asarray(ok, dtype=bool)
+        low, high = accuracy_interval(ok)
+        out |= {task: float(ok.mean()), f"{task} low": low, f"{task} high": high}
+        if baseline is not None:
+            paired = paired_comparison(ok, baseline[task])
+            out |= {f"{task} change": 100 * paired.difference, f"{task} change low": 100 * paired.low,
+                    f"{task} change high": 100 * paired.high, f"{task} p": paired.p_value}
+    return out

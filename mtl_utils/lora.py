@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 from torch import nn
@@ -68,3 +69,54 @@ def add_lora(model: MultiTaskModel, r: int = 8, alpha: int = 16, dropout: float 
 def lora_parameters(model: MultiTaskModel) -> dict[str, nn.Parameter]:
     """The adapters' parameters by name (lora_A / lora_B of each adapted Linear)."""
     return {name: p for name, p in model.backbone.named_parameters() if "lora_" in name}
+
+
+def _adapted_linears(model: MultiTaskModel) -> dict[str, nn.Module]:
+    """The backbone transformer's Linear layers that carry LoRA adapters, by name inside the transformer."""
+    return {name: m for name, m in bb.transformer(model.backbone).named_modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
+
+
+def _would_adapt(model: MultiTaskModel, targets: list[str], top_layers: int | None) -> set[str]:
+    """The Linear layers add_lora(target_modules=targets, top_layers=top_layers) puts adapters in."""
+    total = len(bb.layers(model.backbone))
+    found = set()
+    for name, m in bb.transformer(model.backbone).named_modules():
+        layer = re.search(r"(?:^|\.)layer\.(\d+)\.", name)
+        if ".base_layer" in name or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if isinstance(m, nn.Linear) or "lora_A" in dict(m.named_children()):
+            if top_layers is None or (layer and int(layer[1]) >= total - top_layers):
+                found.add(name)
+    return found
+
+
+def lora_settings(model: MultiTaskModel) -> dict | None:
+    """The adapters' settings as add_lora takes them (r, alpha, dropout, target_modules, top_layers), read from
+    the adapted layers themselves; None without adapters. Raises if add_lora could not make them again."""
+    adapted = _adapted_linears(model)
+    if not adapted:
+        return None
+    seen = set()
+    for name, m in adapted.items():
+        if list(m.lora_A) != ["default"]:
+            raise ValueError(f"{name} has adapters {list(m.lora_A)}; add_lora makes one adapter named 'default'")
+        dropout = m.lora_dropout["default"]
+        r, alpha = m.r["default"], m.lora_alpha["default"]
+        if m.use_dora.get("default") or abs(m.scaling["default"] - alpha / r) > 1e-12:
+            raise ValueError(f"{name}'s adapter is not plain LoRA with scaling alpha / r (DoRA, rsLoRA or a changed "
+                             "scaling); add_lora cannot make it again")
+        seen.add((r, alpha, float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0))
+    if len(seen) != 1:
+        raise ValueError(f"the adapters differ in rank, alpha or dropout ({sorted(seen)}); add_lora makes them "
+                         "all alike")
+    (r, alpha, dropout), = seen
+    targets = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    total = len(bb.layers(model.backbone))
+    layers = {int(found[1]) for name in adapted if (found := re.search(r"(?:^|\.)layer\.(\d+)\.", name))}
+    top_layers = None if not layers or min(layers) == 0 else total - min(layers)
+    settings = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets, "top_layers": top_layers}
+    if _would_adapt(model, targets, top_layers) != set(adapted):
+        raise ValueError(f"the adapted layers ({', '.join(sorted(adapted))}) are not the ones add_lora(**{settings}) "
+                         "makes; they cannot be described by add_lora's settings")
+    return settings

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import backbone as bb
-from .data import check_texts
+from .data import check_task_name, check_texts
 from .recipes import HEAD_KINDS
 
 Output = torch.Tensor | Sequence[torch.Tensor]
@@ -119,7 +119,9 @@ class MultiTaskModel(nn.Module):
             raise ValueError("a MultiTaskModel needs at least one task: a mapping of task name -> label names")
         self.backbone = backbone
         self.backbone_name = backbone_name or getattr(backbone, "mtl_name", None) or "custom"
-        self.label_names = {task: tuple(labels) for task, labels in tasks.items()}
+        if not isinstance(tasks, Mapping):
+            raise TypeError(f"tasks must map each task name to its label names, got {type(tasks).__name__}")
+        self.label_names = {check_task_name(task): tuple(labels) for task, labels in tasks.items()}
         for task, labels in self.label_names.items():
             if len(labels) < 2 or len(set(labels)) != len(labels):
                 raise ValueError(f"task {task!r} needs at least two distinct label names, got {labels}")

@@ -10,6 +10,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from .evaluation import accuracy_interval
+
 
 def heatmap(values: pd.DataFrame, title: str = "", label: str = "", vmin: float | None = None,
             vmax: float | None = None, fmt: str = "{:.2f}", dark_below: float | None = None) -> Figure:
@@ -73,8 +75,13 @@ def learning_curves(history: pd.DataFrame, metrics: Sequence[str] = ("val_accura
 
 
 def compare_runs(histories: Mapping[str, pd.DataFrame], titles: Mapping[str, str], metric: str = "val_accuracy",
-                 baseline: Mapping[str, float] | None = None, baseline_label: str = "start") -> Figure:
-    """One panel per task (`titles`: task -> title), one line per run, each run's kept epoch marked."""
+                 baseline: Mapping[str, float] | None = None, baseline_label: str = "start",
+                 val_sizes: Mapping[str, int] | None = None) -> Figure:
+    """One panel per task (`titles`: task -> title), one line per run, each run's kept epoch marked.
+
+    With `val_sizes` (task -> validation sentences) each accuracy gets its 95% interval as a band, and the
+    baseline too: a difference inside the bands is one this validation set cannot tell.
+    """
     missing = [t for t in titles if not any((h.task == t).any() for h in histories.values())]
     if missing:
         raise ValueError(f"no run has a history for task(s) {missing}; the histories have "
@@ -87,17 +94,50 @@ def compare_runs(histories: Mapping[str, pd.DataFrame], titles: Mapping[str, str
             parts = [part for _, part in rows.groupby("stage")] if "stage" in rows else [rows]
             for j, part in enumerate(parts):
                 ax.plot(part.epoch, part[metric], "o-", color=f"C{i % 10}", ms=4, label=None if j else name)
+                if val_sizes is not None and task in val_sizes:
+                    low, high = zip(*(accuracy_interval(round(a * val_sizes[task]), val_sizes[task])
+                                      for a in part[metric]))
+                    ax.fill_between(part.epoch, low, high, color=f"C{i % 10}", alpha=0.12, lw=0)
             if "best" in rows:
                 kept = rows[rows.best]
                 ax.plot(kept.epoch, kept[metric], "o", color=f"C{i % 10}", ms=10, alpha=0.4)
         if baseline is not None and task in baseline:
             ax.axhline(baseline[task], color="grey", ls=":", label=baseline_label)
+            if val_sizes is not None and task in val_sizes:
+                ax.axhspan(*accuracy_interval(round(baseline[task] * val_sizes[task]), val_sizes[task]),
+                           color="grey", alpha=0.1, lw=0)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def interval_plot(table: pd.DataFrame, titles: Mapping[str, str], label: str = "run",
+                  reference: str | None = None, xlabel: str = "test accuracy (95% interval)") -> Figure:
+    """Each row of `table` a point with its interval, one panel per task (`titles`: task -> title).
+
+    The table has a `label` column and per task the columns "<task>", "<task> low" and "<task> high";
+    the `reference` row's interval is shaded across each panel, so overlaps are visible at a glance.
+    """
+    fig, axes = plt.subplots(1, len(titles), figsize=(5.5 * len(titles), 0.42 * len(table) + 1.4), squeeze=False,
+                             sharey=True)
+    names = list(table[label])
+    y = np.arange(len(names))[::-1]
+    for ax, (task, title) in zip(axes[0], titles.items()):
+        values, low, high = (table[f"{task}{suffix}"].to_numpy(dtype=float) for suffix in ("", " low", " high"))
+        ax.errorbar(values, y, xerr=[values - low, high - values], fmt="o", color="C0", ecolor="C0", capsize=3)
+        if reference is not None:
+            row = table[table[label] == reference].iloc[0]
+            ax.axvspan(row[f"{task} low"], row[f"{task} high"], color="grey", alpha=0.15, lw=0)
+            ax.axvline(row[task], color="grey", ls=":", lw=1)
+        ax.set_yticks(y, names, fontsize=8)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
 
@@ -110,5 +150,52 @@ def confusion_matrices(results: Mapping[str, tuple[np.ndarray, np.ndarray, Seque
                                                 normalize="true", values_format=".2f", ax=ax, colorbar=False)
         ax.set_title(name)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def decision_chart(chart, title: str = "") -> Figure:
+    """A decision tree (`mtl_utils.decisions`) drawn top down: questions in boxes, answers on the arrows, advice
+    in green boxes with the measured reason under it."""
+    import textwrap
+
+    from .decisions import Advice
+
+    positions: dict[int, tuple[float, float]] = {}
+    boxes: list[tuple[object, float, float]] = []
+    arrows: list[tuple[tuple[float, float], tuple[float, float], str]] = []
+    counter = [0]
+
+    def place(node, depth: int) -> tuple[float, float]:
+        if isinstance(node, Advice):
+            x = float(counter[0])
+            counter[0] += 1
+        else:
+            children = [place(child, depth + 1) for _, child in node.answers]
+            x = sum(c[0] for c in children) / len(children)
+            for (answer, _), child in zip(node.answers, children):
+                arrows.append(((x, -depth), child, answer))
+        boxes.append((node, x, -depth))
+        return x, -depth
+
+    place(chart, 0)
+    width, depth = counter[0], 1 + max(-y for _, _, y in boxes)
+    fig, ax = plt.subplots(figsize=(3.1 * width, 2.3 * depth))
+    for (x0, y0), (x1, y1), answer in arrows:
+        ax.annotate("", (x1, y1 + 0.28), (x0, y0 - 0.28), arrowprops={"arrowstyle": "->", "color": "grey"})
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, answer, ha="center", va="center", fontsize=8,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "none"})
+    for node, x, y in boxes:
+        if isinstance(node, Advice):
+            ax.text(x, y + 0.1, textwrap.fill(node.choose, 26), ha="center", va="center", fontsize=8.5, weight="bold",
+                    bbox={"boxstyle": "round", "fc": "#d9f2d9", "ec": "green"})
+            ax.text(x, y - 0.32, textwrap.fill(node.why, 34), ha="center", va="top", fontsize=6.8)
+        else:
+            ax.text(x, y, textwrap.fill(node.ask, 34), ha="center", va="center", fontsize=8.5,
+                    bbox={"boxstyle": "round", "fc": "#e8eef8", "ec": "steelblue"})
+    ax.set_xlim(-0.7, width - 0.3)
+    ax.set_ylim(-depth + 0.1, 0.6)
+    ax.axis("off")
+    ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -1,4 +1,4 @@
-"""Quick, training-free probes of what frozen sentence embeddings already know."""
+"""What a classic model gets, and quick probes of what frozen sentence embeddings already know."""
 
 from __future__ import annotations
 
@@ -6,12 +6,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+from sklearn.pipeline import make_pipeline
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from .data import Task
+
+C_GRID = (0.1, 1.0, 10.0)  # logistic regression's inverse regularisation strengths, chosen on validation
 
 # (sentence, a paraphrase of it, a look-alike that shares most words but means something else)
 PARAPHRASE_TRIPLES: tuple[tuple[str, str, str], ...] = (
@@ -45,11 +51,6 @@ def probe_accuracies(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     }
 
 
-def probe_table(results: dict[str, dict[str, float]]) -> pd.DataFrame:
-    """Probe accuracies of several tasks as one table: a row per task, a column per probe."""
-    return pd.DataFrame(results).T.rename_axis("task").reset_index()
-
-
 def paraphrase_probe(backbone: SentenceTransformer,
                      triples: Sequence[tuple[str, str, str]] = PARAPHRASE_TRIPLES) -> dict[str, float]:
     """How often a sentence is closer (cosine) to its paraphrase than to a look-alike, and the mean cosine margin."""
@@ -61,3 +62,41 @@ def paraphrase_probe(backbone: SentenceTransformer,
     sentence, paraphrase, look_alike = emb[0::3], emb[1::3], emb[2::3]
     margin = (sentence * paraphrase).sum(1) - (sentence * look_alike).sum(1)
     return {"paraphrase closer": float((margin > 0).mean()), "mean margin": float(margin.mean())}
+
+
+def _pick_on_validation(make, fit_x, fit_y, val_x, val_y) -> tuple[object, float]:
+    """Fit `make(C)` for every C of C_GRID; keep the one with the best validation accuracy (ties: the first)."""
+    best, best_c, best_acc = None, None, -1.0
+    for c in C_GRID:
+        model = make(c).fit(fit_x, fit_y)
+        acc = accuracy_score(val_y, model.predict(val_x))
+        if acc > best_acc:
+            best, best_c, best_acc = model, c, acc
+    return best, best_c
+
+
+def tfidf_baseline(task: Task) -> dict[str, object]:
+    """A classic model on the same splits: TF-IDF of words and word pairs, logistic regression, C chosen on
+    validation; returns its validation and test predictions and the C it chose."""
+    def make(c: float):
+        return make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+                             LogisticRegression(C=c, max_iter=2000))
+
+    model, c = _pick_on_validation(make, task.train["text"], task.train["label"], task.val["text"], task.val["label"])
+    return {"C": c, "val": model.predict(task.val["text"]), "test": model.predict(task.test["text"])}
+
+
+def logistic_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                   test_x: np.ndarray) -> dict[str, object]:
+    """Logistic regression on frozen sentence embeddings, C chosen on validation: validation and test predictions."""
+    model, c = _pick_on_validation(lambda c: LogisticRegression(C=c, max_iter=2000), train_x, train_y, val_x, val_y)
+    return {"C": c, "val": model.predict(val_x), "test": model.predict(test_x)}
+
+
+def neighbour_agreement(x: np.ndarray, labels: np.ndarray, pool_x: np.ndarray, pool_labels: np.ndarray,
+                        k: int = 15) -> np.ndarray:
+    """For each point of `x`, the share of its k nearest points of the pool (cosine) that carry its label."""
+    from sklearn.neighbors import NearestNeighbors
+
+    index = NearestNeighbors(n_neighbors=k, metric="cosine").fit(pool_x).kneighbors(x, return_distance=False)
+    return (np.asarray(pool_labels)[index] == np.asarray(labels)[:, None]).mean(1)

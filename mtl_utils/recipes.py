@@ -21,6 +21,12 @@ FREEZE_SCENARIOS = {
 SAMPLINGS = ("round_robin", "proportional", "temperature")
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS = ("accuracy", "f1_macro")
+SELECTIONS = {
+    "mean": "the epoch with the best mean validation score (over select_on) is kept",
+    "no_task_worse": "as mean, but an epoch in which any task's validation accuracy falls below epoch 0's by more "
+                     "than that task's noise (evaluation.select's rule) is never kept",
+}
+CLASS_WEIGHTS = ("balanced",)  # sklearn's compute_class_weight: n_samples / (n_classes * count of each class)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class TrainConfig:
     train_tasks: Sequence[str] | None = None  # tasks that get batches; default: all given
     select_on: Sequence[str] | None = None  # tasks whose mean validation score picks the best epoch
     metric: str = "accuracy"
+    selection: str = "mean"  # which epoch is kept: see SELECTIONS
+    class_weights: str | None = None  # "balanced": the loss weighs each class inversely to its training count
     patience: int | None = None  # stop after this many epochs without a better validation score
     evaluate_first: bool = True  # evaluate once before training (epoch 0), so an epoch that hurts is undone
     group_by_length: bool = True  # batches of similar lengths: less padding
@@ -53,9 +61,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, value, known in (("sampling", self.sampling, SAMPLINGS), ("schedule", self.schedule, SCHEDULES),
-                                   ("metric", self.metric, METRICS)):
+                                   ("metric", self.metric, METRICS), ("selection", self.selection, SELECTIONS)):
             if value not in known:
                 raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+        if self.class_weights is not None and self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"unknown class_weights {self.class_weights!r}; known: None, {', '.join(CLASS_WEIGHTS)}")
+        if self.selection == "no_task_worse" and not self.evaluate_first:
+            raise ValueError("selection='no_task_worse' compares every epoch with epoch 0: it needs evaluate_first=True")
+        for name in ("train_tasks", "select_on"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not isinstance(value, Sequence) or not value
+                                      or not all(isinstance(t, str) for t in value)):
+                raise ValueError(f"{name} must be None or a non-empty list of task names, got {value!r}"
+                                 + (f"; use [{value!r}]" if isinstance(value, str) else ""))
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .offline.cache import atomic_path
+from .offline.cache import atomic_path, atomic_write_text
 
 RESULTS_ENV = "MTL_UTILS_RESULTS"
 
@@ -34,3 +34,73 @@ def save_table(table: pd.DataFrame, name: str, notebook: str) -> None:
     """Save a table as `results/<notebook>/<name>.csv`."""
     with atomic_path(results_dir(notebook) / f"{name}.csv") as tmp:
         table.to_csv(tmp, index=False)
+
+
+# --- the scenario table: one row per way of training, written by each notebook, read by notebook 08 ---------
+
+SCENARIO_COLUMNS = (
+    "scenario", "family", "notebook", "backbone", "training data", "trainable parameters", "one-off seconds",
+    "epoch seconds", "epochs", "sentences/s", "baseline",
+    "trec", "trec low", "trec high", "trec change", "trec change low", "trec change high", "trec p",
+    "movies", "movies low", "movies high", "movies change", "movies change low", "movies change high", "movies p",
+    "risk",
+)
+SCENARIO_FILE = "scenarios"
+
+
+def save_scenarios(rows: list[dict], notebook: str) -> pd.DataFrame:
+    """Write a notebook's scenario rows as `results/<notebook>/scenarios.csv` (columns in SCENARIO_COLUMNS order)."""
+    unknown = sorted({k for row in rows for k in row} - set(SCENARIO_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown scenario columns {unknown}; the columns are {', '.join(SCENARIO_COLUMNS)}")
+    table = pd.DataFrame(rows, columns=list(SCENARIO_COLUMNS)).assign(notebook=notebook)
+    save_table(table, SCENARIO_FILE, notebook)
+    return table
+
+
+def load_scenarios(notebooks: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Every notebook's scenario rows in one table, and the notebooks whose table is missing (run them first)."""
+    frames, missing = [], []
+    for notebook in notebooks:
+        path = results_dir(notebook) / f"{SCENARIO_FILE}.csv"
+        if path.is_file():
+            frames.append(pd.read_csv(path))
+        else:
+            missing.append(notebook)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SCENARIO_COLUMNS))
+    return table, missing
+
+
+README_START, README_END = "<!-- which-freezing:start -->", "<!-- which-freezing:end -->"
+
+
+def readme_table(csv: Path | None = None) -> str:
+    """Notebook 08's table (`results/08_which_freezing/which_freezing.csv`) as markdown for the README."""
+    table = pd.read_csv(csv or results_dir("08_which_freezing") / "which_freezing.csv", dtype=str).fillna("–")
+    columns = ["way of training", "notebook", "trainable parameters", "s per epoch", "change on A (points)",
+               "change on B (points)", "against", "risk to the other task", "when"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |" for _, row in table.iterrows()]
+    return "\n".join(lines)
+
+
+def splice_readme(readme: Path, block: str) -> bool:
+    """Replace the text between the README's which-freezing markers with `block`; True if the file changed."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme.name} has no {README_START} ... {README_END} markers to put the table between")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_START}\n{block}\n{README_END}{tail}"
+    if new != text:
+        atomic_write_text(readme, new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m mtl_utils.results readme: notebook 08's table into README.md
+    import sys
+
+    if sys.argv[1:] != ["readme"]:
+        sys.exit("usage: python -m mtl_utils.results readme")
+    changed = splice_readme(Path(__file__).resolve().parents[1] / "README.md", readme_table())
+    print("README.md: the which-freezing table " + ("updated" if changed else "already up to date"))

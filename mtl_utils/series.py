@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import pandas as pd
 
 from . import freezing
 from .backbone import load_backbone
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Task, load_task
+from .evaluation import evaluate
 from .model import MultiTaskModel
 from .offline.cache import cache_dir
-from .recipes import DEFAULT_BACKBONE, TASKS, heads_config
+from .recipes import DEFAULT_BACKBONE, TASKS, TrainConfig, heads_config
 from .training import train
 
 
@@ -23,6 +27,9 @@ def build_model(backbone: str = DEFAULT_BACKBONE, tasks: list[Task] | None = Non
                 seed: int = 0, device: str = "cpu") -> MultiTaskModel:
     """A MultiTaskModel with a fresh head per task on a pre-trained backbone."""
     tasks = tasks or series_tasks()
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must differ (one head per task), got {names}")
     return MultiTaskModel(load_backbone(backbone, device=device), {t.name: t.label_names for t in tasks},
                           head=head, seed=seed, backbone_name=backbone).to(device)
 
@@ -49,3 +56,18 @@ def multitask_checkpoint(backbone: str = DEFAULT_BACKBONE, progress: bool = True
         model, _ = train_multitask_heads(backbone, progress=progress)
         save_checkpoint(model, folder)
         return load_checkpoint(folder)
+
+
+def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task], config: TrainConfig,
+              seeds: Sequence[int]) -> tuple[pd.DataFrame, dict[int, MultiTaskModel]]:
+    """The same recipe once per seed (the heads' start and the batches drawn from it): per seed and task, the
+    kept epoch's validation accuracy and the test accuracy (read once per model); and the trained models."""
+    rows, models = [], {}
+    for seed in seeds:
+        model = make_model(seed)
+        history = train(model, tasks, config.but(seed=seed, progress=False))
+        best = history[history.best].set_index("task")["val_accuracy"]
+        rows += [{"seed": seed, "task": t.name, "val": best[t.name], "test": evaluate(model, t, "test")["accuracy"],
+                  "seconds": float(history.drop_duplicates("epoch")["seconds"].sum())} for t in tasks]
+        models[seed] = model
+    return pd.DataFrame(rows), models

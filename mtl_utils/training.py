@@ -21,8 +21,9 @@ from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader, Sampler
 
 from . import backbone as bb
+from . import long_text
 from .data import Task
-from .evaluation import predict_proba, scores
+from .evaluation import fallen_tasks, predict_proba, scores
 from .features import sentence_source
 from .model import MultiTaskModel, progress_bar
 from .recipes import TrainConfig
@@ -151,6 +152,12 @@ def _check_accelerator(accelerator: Accelerator) -> Accelerator:
 
 def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task]) -> dict[str, Task]:
     """Tasks by name, each with a head that knows its labels."""
+    if not isinstance(tasks, Mapping):
+        names = [t.name for t in tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two tasks are named {', '.join(map(repr, twice))}: each task needs a name of its own "
+                             f"(got {names})")
     tasks = dict(tasks) if isinstance(tasks, Mapping) else {t.name: t for t in tasks}
     for name, task in tasks.items():
         if name not in model.heads:
@@ -168,6 +175,43 @@ def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
+
+def epoch_score(rows: Sequence[Mapping], config: TrainConfig, select_on: Sequence[str],
+                start_accuracy: Mapping[str, float], val_sizes: Mapping[str, int]) -> float:
+    """An epoch's selection score from its validation rows (one per task): the mean of `config.metric` over
+    `select_on`; with selection "no_task_worse", -inf (never kept) when any task's accuracy fell below its
+    epoch-0 accuracy by more than its noise (evaluation.fallen_tasks: select's rule)."""
+    score = float(np.mean([r[f"val_{config.metric}"] for r in rows if r["task"] in select_on]))
+    if config.selection == "no_task_worse" and start_accuracy:
+        if fallen_tasks({r["task"]: r["val_accuracy"] for r in rows}, start_accuracy, val_sizes):
+            return -math.inf
+    return score
+
+
+def class_weights(task: Task, kind: str | None) -> torch.Tensor | None:
+    """Loss weights of a task's classes from its training labels (sklearn's "balanced"); None for no weights.
+
+    A class absent from the training rows gets weight 1 (it never occurs in the loss anyway).
+    """
+    if kind is None:
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = task.train["label"].to_numpy()
+    present = np.unique(labels)
+    weights = np.ones(task.num_labels)
+    weights[present] = compute_class_weight(kind, classes=present, y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def warn_long_texts(model: MultiTaskModel, tasks: Mapping[str, Task]) -> None:
+    """A DataWarning for each training or validation split whose texts the backbone cuts (only long texts are
+    tokenised to count: short ones cost nothing)."""
+    for name in tasks:
+        for split in ("train", "val"):
+            long_text.warn_if_truncated(model.backbone, tasks[name].split(split)["text"].tolist(),
+                                        f"task {name!r} {split}")
+
 
 def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], config: TrainConfig | None = None,
           accelerator: Accelerator | None = None) -> pd.DataFrame:
@@ -187,6 +231,8 @@ def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], con
     trainable = [p for g in groups for p in g["params"]]
     model.tuned_backbone |= {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     progress = config.progress and accelerator.is_main_process
+    if accelerator.is_main_process:
+        warn_long_texts(model, tasks)
 
     # the first process computes the caches (and writes the embedding cache); the others then read it from disk
     with accelerator.main_process_first():
@@ -195,6 +241,7 @@ def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], con
         val_src = {n: sentence_source(model, t.val["text"].tolist(), config.use_cache, progress, config.prefix_layers)
                    for n, t in tasks.items()}
     labels = {n: torch.tensor(tasks[n].train["label"].to_numpy()) for n in names}
+    weights = {n: class_weights(tasks[n], config.class_weights) for n in names}
     loader = accelerator.prepare_data_loader(task_loader({n: train_src[n].lengths for n in names}, config),
                                              device_placement=False)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)  # one kernel a step
@@ -206,13 +253,19 @@ def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], con
 
     history: list[dict] = []
 
+    val_sizes = {n: len(t.val) for n, t in tasks.items()}
+    start_accuracy: dict[str, float] = {}
+
     def validate(epoch: int, losses: Mapping[str, list[float]], seconds: float) -> float:
         for name, task in tasks.items():
             s = scores(task.val["label"].to_numpy(), predict_proba(model, name, val_src[name], config.eval_batch_size))
             history.append({"epoch": epoch, "task": name, "train_loss": float(np.mean(losses[name])) if losses.get(
                 name) else float("nan"), "val_loss": s["loss"], "val_accuracy": s["accuracy"],
                 "val_f1_macro": s["f1_macro"], "seconds": seconds})
-        score = float(np.mean([r[f"val_{config.metric}"] for r in history[-len(tasks):] if r["task"] in select_on]))
+        rows = history[-len(tasks):]
+        if epoch == 0:
+            start_accuracy.update({r["task"]: r["val_accuracy"] for r in rows})
+        score = epoch_score(rows, config, select_on, start_accuracy, val_sizes)
         return broadcast_object_list([score])[0]  # every process keeps the first one's best epoch
 
     def snapshot() -> list[torch.Tensor]:
@@ -228,7 +281,8 @@ def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], con
         for step, (name, idx) in enumerate(loader, 1):
             with accelerator.autocast():
                 logits = ddp_model(name, train_src[name](idx))
-                loss = F.cross_entropy(logits, labels[name][torch.as_tensor(idx)].to(logits.device))
+                weight = None if weights[name] is None else weights[name].to(logits.device)
+                loss = F.cross_entropy(logits, labels[name][torch.as_tensor(idx)].to(logits.device), weight=weight)
             global_loss = accelerator.reduce(loss.detach(), "mean").item()  # the whole batch's, the same everywhere
             if not math.isfinite(global_loss):
                 raise DivergedError(f"the loss became {global_loss} at epoch {epoch}, step {step} (task {name!r}): "

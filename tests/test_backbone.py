@@ -165,6 +165,23 @@ def test_unknown_name_lists_the_known_backbones(monkeypatch):
         backbone_table(["no-such-backbone"])
 
 
+def test_an_empty_or_missing_backbone_name_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backbones, "SentenceTransformer", _no_hub)
+    monkeypatch.setattr(backbones, "_hub_reachable", _no_hub)
+    for bad in ("", "   "):
+        for function in (load_backbone, backbone_path):
+            with pytest.raises(ValueError, match="backbone name is empty; give one of all-MiniLM-L6-v2.*local folder"):
+                function(bad)
+    for bad in (None, 3, ["all-MiniLM-L6-v2"]):
+        for function in (load_backbone, backbone_path):
+            with pytest.raises(TypeError, match=f"named by a string .*got {type(bad).__name__}"):
+                function(bad)
+
+
+def test_a_backbone_folder_may_be_given_as_a_path(tiny_backbone_dir):
+    assert load_backbone(tiny_backbone_dir).mtl_name == str(tiny_backbone_dir)
+
+
 def test_hub_only_backbone_offline_names_its_stand_in(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(backbones, "SentenceTransformer", _no_hub)

@@ -125,3 +125,53 @@ def test_command_line(monkeypatch):
     assert "OMP_WAIT_POLICY" not in cli.notebook_env()
     monkeypatch.setattr(cli, "_ORIGINAL_ENV", {"OMP_WAIT_POLICY": "PASSIVE"})  # the user's own setting stays
     assert cli.notebook_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+# --- the deployment suite's own logic (no model) --------------------------------------------------------------
+
+def test_deploy_suite_is_a_default_one_and_spreads_its_requests():
+    from benchmarks import deploy
+
+    assert "deploy" in DEFAULT and parse_args(["deploy", "--quick"]).suites == ["deploy"]
+    texts = [f"t{i}" for i in range(10)]
+    assert deploy.requests(texts, 3) == ["t0", "t4", "t9"]  # positions 0, 4.5, 9 (numpy rounds half to even)
+    assert deploy.requests(texts, 10) == texts and deploy.requests(texts, 1) == ["t0"]
+    with pytest.raises(ValueError, match="from 1 to 10"):
+        deploy.requests(texts, 11)
+    p50, p95 = deploy.percentiles_ms([0.001 * i for i in range(1, 101)])  # 1..100 ms
+    assert p50 == pytest.approx(50.5) and p95 == pytest.approx(95.05)
+
+
+def test_deploy_rows():
+    from benchmarks import deploy
+
+    times = {"int8": [1.0, 1.2, 0.8], "torch": [3.0, 3.3, 2.7]}
+    row = deploy.throughput_row("int8", "torch", times, n=600, workload="w", target=2)
+    assert row["this: median [range]"] == "600 [500–750] sentences/s"  # 600 sentences in 1.0 [0.8-1.2] s
+    assert row["against: median [range]"] == "200 [182–222] sentences/s"
+    assert row["result"] == "3.00x faster" and row["met"] == "yes" and "this: s, median [min–max]" not in row
+
+    p50 = {"int8": [4.0, 5.0, 4.5], "torch": [20.0, 22.0, 18.0]}
+    totals = {"int8": [0.4, 0.5, 0.45], "torch": [2.0, 4.4, 1.8]}
+    lat = deploy.latency_row("p50", "int8", "torch", p50, totals, "w")
+    assert lat["this: median [range]"] == "4.5 [4.0–5.0] ms" and lat["result"] == "4.44x faster"
+    assert lat["spread"] == pytest.approx(4.4 / 1.8)  # whole repeats tell a busy machine, not single requests
+
+    size = deploy.size_row("int8", "torch", {"int8": 23_000_000, "torch": 92_000_000}, target=3)
+    assert size["result"] == "4.00x smaller" and size["met"] == "yes" and size["this: median [range]"] == "23.0 MB"
+    assert deploy.size_row("int8", "torch", {"int8": 40, "torch": 100}, target=3)["met"] == "NO"
+
+    gold = np.array([True] * 90 + [False] * 10)
+    same = deploy.accuracy_row("trec", "int8", "torch", {"int8": gold, "torch": gold}, "w")
+    assert same["met"] == "yes" and same["result"].startswith("+0.0 points") and "0 vs 0 differ" in same["result"]
+    worse = gold.copy()
+    worse[:3] = False  # 3 of 100 sentences lost: -3 points
+    row = deploy.accuracy_row("trec", "int8", "torch", {"int8": worse, "torch": gold}, "w")
+    assert row["met"] == "NO" and row["result"].startswith("-3.0 points") and "0 vs 3 differ" in row["result"]
+    assert row["this: median [range]"].startswith("0.870 [")
+
+    frame = deploy.table([size, lat, row])
+    assert list(frame.columns[:4]) == ["comparison", "workload", "this", "this: median [range]"]
+    assert frame["repeats"].tolist() == ["", 3, ""]
+    lines = common.markdown(frame).splitlines()
+    assert len(lines) == 5 and "| repeats |" in lines[0] and "| 4.5 [4.0–5.0] ms |" in lines[3]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from mtl_utils import data
-from mtl_utils.data import DATASETS, SENTIMENT_LABELS, TREC_LABELS, check_texts, load_task, task_from_dataframe
+from mtl_utils.data import (DATASETS, SENTIMENT_LABELS, TREC_LABELS, DataWarning, check_texts, load_task,
+                            task_from_dataframe)
 from mtl_utils.offline import assets
 from mtl_utils.offline.assets import ChecksumError, MissingAssetError, asset_path
 
@@ -20,7 +22,7 @@ def frame(counts: dict[str, int], start: int = 0) -> pd.DataFrame:
     labels = [label for label, n in counts.items() for _ in range(n)]
     labels = [labels[i] for i in np.random.default_rng(0).permutation(len(labels))]
     n = len(labels)
-    return pd.DataFrame({"text": [f"sentence {i}" for i in range(n)],
+    return pd.DataFrame({"text": [f"sentence {i}" for i in range(start, start + n)],  # unique across frames
                          "label": labels}, index=range(start, start + n)).astype(object)
 
 
@@ -156,8 +158,19 @@ def test_long_lists_of_bad_rows_are_cut_after_ten():
 def test_missing_labels_name_their_rows():
     df = frame({"a": 10, "b": 10})
     df.loc[[2, 9], "label"] = [None, np.nan]
-    with pytest.raises(ValueError, match=r"missing label \(None/NaN\) in 2 rows \(index 2, 9\)"):
+    with pytest.raises(ValueError, match=r"missing label \(None, NaN or blank\) in 2 rows \(index 2, 9\)"):
         task_from_dataframe("t", df)
+
+
+def test_blank_labels_are_missing_labels_not_a_class():
+    df = frame({"a": 10, "b": 10})
+    df.loc[[3, 11], "label"] = ["", "  \t"]  # what a CSV's empty cell becomes when read with keep_default_na=False
+    with pytest.raises(ValueError, match=r"missing label \(None, NaN or blank\) in 2 rows \(index 3, 11\)"):
+        task_from_dataframe("t", df)
+    test = frame({"a": 3, "b": 3}, start=50)
+    test.loc[51, "label"] = ""
+    with pytest.raises(ValueError, match=r"test: missing label .* \(index 51\)"):
+        task_from_dataframe("t", frame({"a": 10, "b": 10}), test=test)
 
 
 def test_int_labels_out_of_range_name_their_rows_and_the_accepted_range():
@@ -207,7 +220,7 @@ def test_class_too_small_to_stratify_names_the_class_and_rows():
         task_from_dataframe("t", df)
     one = frame({"a": 30, "rare": 1})
     with pytest.raises(ValueError, match=r"\{'rare': 1\}.*train/val split; each class needs at least 2 rows"):
-        task_from_dataframe("t", one, test=frame({"a": 3, "rare": 3}))
+        task_from_dataframe("t", one, test=frame({"a": 3, "rare": 3}, start=500))
 
 
 def test_split_too_small_for_the_classes_is_a_clear_error():
@@ -372,3 +385,144 @@ def test_check_texts_names_what_is_wrong():
         check_texts(["fine", "  ", None])
     with pytest.raises(ValueError, match=r"positions \[1\] are not valid Unicode"):
         check_texts(["fine", "caf\udce9"])
+
+
+# ---------- task names ----------
+
+@pytest.mark.parametrize("name, message", [
+    ("my.task", r"contains '\.'.*'my_task'"), ("", "non-empty str"), ("  ", "non-empty str"), (5, "non-empty str"),
+    (None, "non-empty str"), ("train", r"taken by PyTorch \(nn\.ModuleDict\.train\)"), ("type", "taken by PyTorch"),
+])
+def test_task_names_that_cannot_name_a_head_are_refused_up_front(name, message):
+    with pytest.raises(ValueError, match=message):
+        task_from_dataframe(name, frame({"a": 10, "b": 10}))
+    assert data.check_task_name("my task") == "my task" and data.check_task_name("test") == "test"
+
+
+# ---------- your own splits: a split column ----------
+
+def with_splits(counts: dict[str, dict[str, int]]) -> pd.DataFrame:
+    """A frame whose rows carry a split column: counts[split][label] rows each, unique texts."""
+    parts = [frame(labels, start=1000 * i).assign(split=split) for i, (split, labels) in enumerate(counts.items())]
+    df = pd.concat(parts)
+    df["text"] = [f"{s} text {i}" for i, s in enumerate(df["split"])]
+    return df
+
+
+def test_a_split_column_fixes_every_split():
+    df = with_splits({"train": {"a": 20, "b": 20}, "val": {"a": 3, "b": 2}, "test": {"a": 4, "b": 4}})
+    task = task_from_dataframe("t", df)
+    assert (len(task.train), len(task.val), len(task.test)) == (40, 5, 8)
+    for split in ("train", "val", "test"):
+        assert ids(task, split) == set(df.index[df["split"] == split])
+        assert task.split(split)["text"].str.startswith(split).all()
+
+
+def test_with_train_and_test_only_val_is_carved_from_train():
+    df = with_splits({"train": {"a": 30, "b": 20}, "test": {"a": 5, "b": 5}})
+    task = task_from_dataframe("t", df, val_size=0.2, seed=3)
+    assert (len(task.train), len(task.val), len(task.test)) == (40, 10, 10)
+    assert ids(task, "test") == set(df.index[df["split"] == "test"])
+    assert ids(task, "train") | ids(task, "val") == set(df.index[df["split"] == "train"])
+    assert task.sizes()["val"].to_dict() == {"a": 6, "b": 4, "total": 10}  # stratified
+    only_val = with_splits({"train": {"a": 30, "b": 20}, "val": {"a": 5, "b": 5}})
+    task = task_from_dataframe("t", only_val, test_size=0.1)
+    assert (len(task.train), len(task.val), len(task.test)) == (45, 10, 5)
+    assert ids(task, "val") == set(only_val.index[only_val["split"] == "val"])
+
+
+def test_every_row_marked_train_splits_as_without_the_column():
+    df = frame({"a": 60, "b": 40})
+    with_column = task_from_dataframe("t", df.assign(split="train"))
+    without = task_from_dataframe("t", df)
+    for split in ("train", "val", "test"):
+        pd.testing.assert_frame_equal(with_column.split(split), without.split(split))
+
+
+def test_bad_split_values_name_their_rows_and_the_accepted_ones():
+    df = with_splits({"train": {"a": 20, "b": 20}, "test": {"a": 4, "b": 4}})
+    df.iloc[[1, 2], df.columns.get_loc("split")] = ["validation", ""]
+    with pytest.raises(ValueError, match=r"split values '', 'validation' in 2 rows \(index 1, 2\).*accepts train, val, "
+                                         r"test"):
+        task_from_dataframe("t", df)
+    with pytest.raises(ValueError, match="split values nan"):
+        task_from_dataframe("t", df.assign(split=np.nan))
+    with pytest.raises(ValueError, match="no rows to train on"):
+        task_from_dataframe("t", with_splits({"val": {"a": 5, "b": 5}, "test": {"a": 4, "b": 4}}))
+    with pytest.raises(ValueError, match="a 'split' column and a test DataFrame"):
+        task_from_dataframe("t", df.assign(split="train"), test=frame({"a": 3, "b": 3}, start=500))
+
+
+# ---------- duplicates, conflicting labels, look-alike labels ----------
+
+def test_duplicates_are_dropped_keeping_one_copy_in_one_split():
+    df = frame({"a": 40, "b": 40})
+    df.loc[0, "text"], df.loc[1, "text"] = "same words", "same words"  # one row repeats another...
+    df.loc[[0, 1], "label"] = "a"
+    df = pd.concat([df, df.loc[[5, 6, 7]]])  # ...and three rows appear twice
+    with pytest.warns(DataWarning, match=r"task 't': dropped 4 rows that repeat another row's text and label.*"
+                                         r"duplicates='keep'"):
+        task = task_from_dataframe("t", df)
+    rows = pd.concat([task.train, task.val, task.test])
+    assert len(rows) == 80 - 1 and not rows.duplicated(["text", "label"]).any()
+    # your own test set keeps its copy; the training side loses it
+    test = frame({"a": 3, "b": 3}, start=500)
+    train = frame({"a": 20, "b": 20})
+    train.loc[[0, 1], "text"] = test.loc[[500, 501], "text"].to_numpy()
+    train.loc[[0, 1], "label"] = test.loc[[500, 501], "label"].to_numpy()
+    with pytest.warns(DataWarning, match=r"dropped 2 rows .*\(2 texts had copies in two of the splits given\)"):
+        task = task_from_dataframe("t", train, test=test)
+    assert len(task.test) == 6 and set(task.test["id"]) == set(test.index)
+    assert not set(task.train["text"]) & set(task.test["text"]) and len(task.train) + len(task.val) == 38
+
+
+def test_kept_duplicates_are_counted_with_the_texts_in_two_splits():
+    test = frame({"a": 3, "b": 3}, start=500)
+    train = frame({"a": 20, "b": 20})
+    train.loc[0, ["text", "label"]] = test.loc[500, ["text", "label"]].to_numpy()
+    with pytest.warns(DataWarning, match=r"1 rows repeat another row's text and label, and 1 texts are in two "
+                                         r"splits.*kept \(duplicates='keep'\)"):
+        task = task_from_dataframe("t", train, test=test, duplicates="keep")
+    assert len(task.train) + len(task.val) == 40 and len(task.test) == 6
+    with pytest.raises(ValueError, match="unknown duplicates 'ignore'; known: drop, keep"):
+        task_from_dataframe("t", train, duplicates="ignore")
+
+
+def test_conflicting_and_look_alike_labels_are_warned_about():
+    df = frame({"pos": 20, "neg": 20})
+    df.loc[[3, 4], "text"] = "a text with two labels"
+    df.loc[3, "label"], df.loc[4, "label"] = "pos", "neg"
+    with pytest.warns(DataWarning, match=r"1 texts carry two or more labels \(e\.g\. 'a text with two labels' is "
+                                         r"neg and pos\).*Fix the labels"):
+        task = task_from_dataframe("t", df)
+    assert sum(len(task.split(s)) for s in ("train", "val", "test")) == 40  # kept: which label is right is yours to say
+    df = frame({"Pos": 15, "pos": 15, "neg ": 10, "neg": 10})
+    with pytest.warns(DataWarning, match=r"labels 'Pos' and 'pos'; 'neg' and 'neg ' differ only in case or "
+                                         r"surrounding spaces.*str\.lower"):
+        task_from_dataframe("t", df)
+
+
+def test_clean_data_passes_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task_from_dataframe("t", frame({"a": 30, "b": 30}))
+        task_from_dataframe("t", frame({"a": 30, "b": 30}), duplicates="keep")
+
+
+@pytest.mark.assets
+def test_built_in_splits_keep_their_duplicates_unless_asked(fresh_cache):
+    # counted once by hand (exact texts): TREC has 21 texts in two of its train/val/test splits (11 train & val,
+    # 8 train & test, 2 val & test) and 60 repeated rows inside train; movies 1 text in train & test
+    trec = load_task("trec")
+    splits = {s: set(trec.split(s)["text"]) for s in ("train", "val", "test")}
+    assert (len(splits["train"] & splits["val"]), len(splits["train"] & splits["test"]),
+            len(splits["val"] & splits["test"])) == (11, 8, 2)
+    movies = load_task("movies")
+    assert len(set(movies.train["text"]) & set(movies.test["text"])) == 1
+    with pytest.warns(DataWarning, match=r"task 'trec': dropped 81 rows .*\(10 texts had copies in two of the "
+                                         r"splits given\)"):
+        dropped = load_task("trec", duplicates="drop")
+    assert len(dropped.test) == 500 and dropped.test.equals(trec.test)  # the official test set stays whole
+    texts = [set(dropped.split(s)["text"]) for s in ("train", "val", "test")]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert len(dropped.train) + len(dropped.val) == 5452 - 81

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from mtl_utils.evaluation import accuracy_interval, paired_comparison, scores, seed_summary, select
+from mtl_utils.evaluation import (accuracy_interval, class_report, fallen_tasks, paired_comparison, scores,
+                                  seed_summary, select, task_noise)
 
 
 def test_scores():
@@ -85,3 +86,32 @@ def test_selection_rule_margin_noise_and_fewest_parameters():
     assert only_b.chosen == "small"  # b: +1.2 for small, +1.0 for big (within the margin), fewer parameters
     with pytest.raises(ValueError, match="benchmark 'x'"):
         select(runs, "x", val_sizes, params)
+
+
+def test_fallen_tasks_follow_the_selection_rule_s_noise():
+    val_sizes = {"a": 500, "b": 1000}
+    base = {"a": 0.85, "b": 0.76}
+    assert task_noise(0.76, 1000) == pytest.approx(math.sqrt(0.76 * 0.24 / 1000))  # 0.01351
+    assert fallen_tasks({"a": 0.95, "b": 0.74}, base, val_sizes) == ["b"]  # 2.0 points down, noise 1.35
+    assert fallen_tasks({"a": 0.84, "b": 0.75}, base, val_sizes) == []  # a: 1.0 down, noise 1.60; b: 1.0 < 1.35
+    # where the mean gains (select names the fallen tasks only then), select and fallen_tasks agree
+    for accs in ({"a": 0.95, "b": 0.74}, {"a": 0.80, "b": 0.85}, {"a": 0.84, "b": 0.78}, {"a": 0.90, "b": 0.745}):
+        table = select({"base": base, "run": accs}, "base", val_sizes, {"base": 1, "run": 1}, margin=0.0).table
+        why = table.set_index("run").loc["run", "why"]
+        assert [t for t in base if f"{t} falls" in why] == fallen_tasks(accs, base, val_sizes), (accs, why)
+    with pytest.raises(ValueError, match="n >= 1"):
+        task_noise(0.5, 0)
+
+
+def test_class_report_by_hand():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.eye(3)[[0, 0, 1, 1, 2, 2]]  # predicted 0, 0, 1, 1, 2, 2
+    report = class_report(labels, probs, ("x", "y", "z"))
+    assert report["confusion_matrix"]["counts"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert report["confusion_matrix"]["labels"] == ["x", "y", "z"]
+    assert report["per_class"]["x"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8),
+                                        "support": 3}
+    assert report["per_class"]["y"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert report["per_class"]["z"]["precision"] == 0.5 and report["per_class"]["z"]["recall"] == 1.0
+    absent = class_report(np.array([0, 0]), np.eye(3)[[0, 0]], ("x", "y", "z"))  # a class never seen: zeros
+    assert absent["per_class"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}

@@ -95,3 +95,13 @@ def test_eval_mode_restores_each_submodule(model):
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert model.training and not model.heads["topic"].training and model.heads["mood"].training
+
+
+@pytest.mark.parametrize("name, message", [("my.task", "contains '.'"), ("", "non-empty str"), (3, "non-empty str"),
+                                           ("train", "taken by PyTorch"), ("keys", "taken by PyTorch")])
+def test_task_names_that_cannot_name_a_head_are_refused_with_a_clear_error(tiny_backbone, name, message):
+    with pytest.raises(ValueError, match=message):  # not torch's KeyError from deep inside nn.ModuleDict
+        MultiTaskModel(tiny_backbone, {"fine": ("a", "b"), name: ("x", "y")})
+    with pytest.raises(TypeError, match="must map each task name to its label names, got list"):
+        MultiTaskModel(tiny_backbone, [("fine", ("a", "b")), ("fine", ("c", "d"))])
+    assert MultiTaskModel(tiny_backbone, {"my task": ("a", "b"), "test": ("c", "d")}).tasks == ["my task", "test"]

@@ -36,3 +36,32 @@ def test_compare_runs_draws_each_run_stage_and_kept_epoch():
 def test_compare_runs_refuses_an_unknown_task():
     with pytest.raises(ValueError, match=r"task\(s\) \['c'\].*\['a', 'b'\]"):
         compare_runs({"plain": history({"a": [0.5], "b": [0.4]}, best=0)}, {"c": "task c"})
+
+
+def test_compare_runs_draws_interval_bands_when_given_validation_sizes():
+    plain = history({"a": [0.5, 0.7, 0.6]}, best=1)
+    fig = compare_runs({"plain": plain}, {"a": "task a"}, baseline={"a": 0.5}, val_sizes={"a": 100})
+    (ax,) = fig.axes
+    assert len(ax.collections) == 1 and len(ax.patches) == 1  # one band per run, one for the baseline
+
+
+def test_interval_plot_and_heatmap():
+    from mtl_utils.plots import heatmap, interval_plot
+
+    table = pd.DataFrame({"run": ["x", "y"], "a": [0.8, 0.9], "a low": [0.75, 0.86], "a high": [0.84, 0.93]})
+    fig = interval_plot(table, {"a": "task a"}, label="run", reference="x")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["x", "y"] and ax.get_title() == "task a"
+    assert len(ax.patches) == 1  # the reference row's interval, shaded
+    values = pd.DataFrame([[1.0, 0.9], [0.95, 0.99]], index=["r1", "r2"], columns=["s1", "s2"])
+    fig = heatmap(values, "t", "label", fmt="{:.2f}")
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["0.90", "0.95", "0.99", "1.00"]
+
+
+def test_decision_chart_draws_every_question_and_advice():
+    from mtl_utils.decisions import Advice, Question
+    from mtl_utils.plots import decision_chart
+
+    chart = Question("drifted?", (("no", Advice("keep", "because 1")), ("yes", Advice("retrain", "because 2"))))
+    texts = [t.get_text() for t in decision_chart(chart).axes[0].texts]
+    assert {"drifted?", "keep", "because 1", "retrain", "because 2", "no", "yes"} <= set(texts)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from mtl_utils import freezing, training
-from mtl_utils.data import task_from_dataframe
+from mtl_utils.data import DataWarning, task_from_dataframe
 from mtl_utils.evaluation import evaluate
 from mtl_utils.model import MultiTaskModel
 from mtl_utils.recipes import TrainConfig, finetune_config
@@ -123,8 +126,9 @@ def test_early_stopping_and_errors(model, tasks):
     freezing.freeze_backbone(model)
     history = training.train(model, tasks, TrainConfig(epochs=30, head_lr=0.0, patience=2, progress=False))
     assert history.epoch.max() == 2  # nothing can improve with a zero learning rate
-    wrong = task_from_dataframe("mood", pd.DataFrame({"text": ["good", "bad", "fine"] * 10,
-                                                      "label": ["good", "bad", "fine"] * 10}))
+    with pytest.warns(DataWarning, match="27 rows repeat"):
+        wrong = task_from_dataframe("mood", pd.DataFrame({"text": ["good", "bad", "fine"] * 10,
+                                                          "label": ["good", "bad", "fine"] * 10}), duplicates="keep")
     with pytest.raises(ValueError, match="its head knows"):
         training.train(model, [wrong], TrainConfig(epochs=1, progress=False))
     with pytest.raises(ValueError, match="'size' is not among the tasks"):
@@ -159,3 +163,69 @@ def test_recipes_are_configs():
     tuned = finetune_config(epochs=3)
     assert (tuned.epochs, tuned.head_lr, tuned.backbone_lr, tuned.layer_lr_decay) == (3, 1e-3, 2e-4, 0.95)
     assert tuned.but(seed=1).seed == 1 and tuned.seed == 0
+
+
+def test_two_tasks_with_one_name_are_refused(model, tasks):
+    freezing.freeze_backbone(model)
+    twin = synthetic_task("topic", ["what", "who", "where"], seed=5)
+    with pytest.raises(ValueError, match=r"two tasks are named 'topic'.*\['topic', 'mood', 'topic'\]"):
+        training.train(model, [*tasks, twin], TrainConfig(epochs=1, progress=False))
+
+
+def rows(**accuracy: float) -> list[dict]:
+    return [{"task": t, "val_accuracy": a, "val_f1_macro": a / 2} for t, a in accuracy.items()]
+
+
+def test_epoch_score_mean_select_on_and_no_task_worse():
+    start, sizes = {"a": 0.80, "b": 0.60}, {"a": 100, "b": 100}  # noise: a 4.0 points, b 4.9 points
+    mean, strict = TrainConfig(), TrainConfig(selection="no_task_worse")
+    epoch = rows(a=0.95, b=0.50)  # a up 15 points, b down 10 (beyond its noise)
+    assert training.epoch_score(epoch, mean, ["a", "b"], start, sizes) == pytest.approx(0.725)
+    assert training.epoch_score(epoch, mean, ["a"], start, sizes) == pytest.approx(0.95)
+    assert training.epoch_score(epoch, strict, ["a", "b"], start, sizes) == -math.inf
+    assert training.epoch_score(epoch, strict, ["a"], start, sizes) == -math.inf  # every task counts, not only select_on
+    within = rows(a=0.95, b=0.56)  # b down 4 points: within its noise
+    assert training.epoch_score(within, strict, ["a", "b"], start, sizes) == pytest.approx(0.755)
+    assert training.epoch_score(within, TrainConfig(metric="f1_macro"), ["a", "b"], start, sizes) == pytest.approx(0.3775)
+
+
+def test_no_task_worse_is_wired_into_the_epoch_kept(tiny_backbone_dir, tasks, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    def run(selection: str) -> pd.DataFrame:
+        m = MultiTaskModel(SentenceTransformer(str(tiny_backbone_dir), device="cpu"),
+                           {t.name: t.label_names for t in tasks}, backbone_name="tiny")
+        freezing.freeze_backbone(m)
+        return training.train(m, tasks, TrainConfig(epochs=2, head_lr=0.05, selection=selection, progress=False))
+
+    assert run("mean").attrs["best_epoch"] > 0  # training helps...
+    monkeypatch.setattr(training, "fallen_tasks", lambda *args: ["topic"])  # ...but say a task fell every epoch
+    assert run("no_task_worse").attrs["best_epoch"] == 0
+
+
+def test_balanced_class_weights_reach_the_loss(model, monkeypatch):
+    df = pd.DataFrame({"text": [f"sentence number {i} is {'rare' if i < 10 else 'common'}" for i in range(100)],
+                       "label": ["rare"] * 10 + ["common"] * 90})
+    task = task_from_dataframe("skew", df, seed=0)
+    counts = np.bincount(task.train["label"], minlength=2)
+    expected = len(task.train) / (2 * counts)  # sklearn's "balanced": n / (classes * count)
+    np.testing.assert_allclose(training.class_weights(task, "balanced").numpy(), expected, rtol=1e-6)
+    assert training.class_weights(task, None) is None
+    seen = []
+    cross_entropy = training.F.cross_entropy
+    monkeypatch.setattr(training.F, "cross_entropy", lambda *a, **k: seen.append(k.get("weight")) or cross_entropy(*a, **k))
+    skew = MultiTaskModel(model.backbone, {"skew": task.label_names}, backbone_name="tiny")
+    freezing.freeze_backbone(skew)
+    training.train(skew, [task], TrainConfig(epochs=1, class_weights="balanced", progress=False))
+    assert seen and all(w is not None and np.allclose(w.numpy(), expected) for w in seen)
+
+
+def test_training_warns_when_the_backbone_cuts_texts(model):
+    long = synthetic_task("mood", ["good", "bad"], seed=1)
+    long = dataclasses.replace(long, train=long.train.assign(
+        text=[t + " very" * (80 if i % 4 == 0 else 0) for i, t in enumerate(long.train["text"])]))
+    cut = (long.train.index % 4 == 0).sum()
+    freezing.freeze_backbone(model)
+    with pytest.warns(DataWarning, match=rf"task 'mood' train: {cut} of {len(long.train)} texts .* longer than the 64 "
+                                         r"tokens the backbone reads"):
+        training.train(model, [long], TrainConfig(epochs=1, progress=False))

