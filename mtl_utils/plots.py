@@ -180,7 +180,7 @@ def decision_chart(chart, title: str = "") -> Figure:
 
     place(chart, 0)
     width, depth = counter[0], 1 + max(-y for _, _, y in boxes)
-    fig, ax = plt.subplots(figsize=(3.1 * width, 2.3 * depth))
+    fig, ax = plt.subplots(figsize=(2.5 * width, 1.8 * depth))
     for (x0, y0), (x1, y1), answer in arrows:
         ax.annotate("", (x1, y1 + 0.28), (x0, y0 - 0.28), arrowprops={"arrowstyle": "->", "color": "grey"})
         ax.text((x0 + x1) / 2, (y0 + y1) / 2, answer, ha="center", va="center", fontsize=8,
@@ -189,7 +189,7 @@ def decision_chart(chart, title: str = "") -> Figure:
         if isinstance(node, Advice):
             ax.text(x, y + 0.1, textwrap.fill(node.choose, 26), ha="center", va="center", fontsize=8.5, weight="bold",
                     bbox={"boxstyle": "round", "fc": "#d9f2d9", "ec": "green"})
-            ax.text(x, y - 0.32, textwrap.fill(node.why, 34), ha="center", va="top", fontsize=6.8)
+            ax.text(x, y - 0.22, textwrap.fill(node.why, 32), ha="center", va="top", fontsize=7)
         else:
             ax.text(x, y, textwrap.fill(node.ask, 34), ha="center", va="center", fontsize=8.5,
                     bbox={"boxstyle": "round", "fc": "#e8eef8", "ec": "steelblue"})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +15,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Task, load_task
 from .evaluation import evaluate
 from .model import MultiTaskModel
-from .offline.cache import cache_dir
+from .features import backbone_key, texts_key
+from .offline.cache import atomic_write_text, cache_dir, fingerprint
 from .recipes import DEFAULT_BACKBONE, TASKS, TrainConfig, heads_config
 from .training import train
 
@@ -59,15 +62,31 @@ def multitask_checkpoint(backbone: str = DEFAULT_BACKBONE, progress: bool = True
 
 
 def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task], config: TrainConfig,
-              seeds: Sequence[int]) -> tuple[pd.DataFrame, dict[int, MultiTaskModel]]:
+              seeds: Sequence[int]) -> pd.DataFrame:
     """The same recipe once per seed (the heads' start and the batches drawn from it): per seed and task, the
-    kept epoch's validation accuracy and the test accuracy (read once per model); and the trained models."""
-    rows, models = [], {}
+    kept epoch's validation accuracy and the test accuracy (read once per model).
+
+    A run is deterministic, so its scores are kept in the cache folder, keyed by everything that decides them
+    (the model before training, the data, the recipe): a notebook that repeats another's runs reads them.
+    """
+    rows = []
     for seed in seeds:
         model = make_model(seed)
-        history = train(model, tasks, config.but(seed=seed, progress=False))
+        config_seed = config.but(seed=seed, progress=False)
+        key = fingerprint(((n, t) for n, t in model.state_dict().items() if not n.startswith("backbone.")),
+                          backbone_key(model.backbone), model.head_config,
+                          [(t.name, texts_key([*t.train.text, *t.val.text, *t.test.text]),
+                            t.train.label.tolist(), t.val.label.tolist(), t.test.label.tolist()) for t in tasks],
+                          sorted(asdict(config_seed).items()))
+        path = cache_dir("runs") / f"{key}.json"
+        if path.is_file():
+            rows += json.loads(path.read_text())
+            continue
+        history = train(model, tasks, config_seed)
         best = history[history.best].set_index("task")["val_accuracy"]
-        rows += [{"seed": seed, "task": t.name, "val": best[t.name], "test": evaluate(model, t, "test")["accuracy"],
+        found = [{"seed": seed, "task": t.name, "val": float(best[t.name]),
+                  "test": evaluate(model, t, "test")["accuracy"],
                   "seconds": float(history.drop_duplicates("epoch")["seconds"].sum())} for t in tasks]
-        models[seed] = model
-    return pd.DataFrame(rows), models
+        atomic_write_text(path, json.dumps(found))
+        rows += found
+    return pd.DataFrame(rows)

@@ -51,3 +51,20 @@ def tiny_backbone(tiny_backbone_dir):
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test writes to its own cache folder unless it asks for the real one."""
     monkeypatch.setenv("MTL_UTILS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tasks(request):
+    """Two synthetic tasks, topic (3 labels) and mood (2): 240 rows each, or the module's TASK_ROWS."""
+    from helpers import synthetic_task
+
+    n = getattr(request.module, "TASK_ROWS", 240)
+    return [synthetic_task("topic", ["what", "who", "where"], n=n), synthetic_task("mood", ["good", "bad"], n=n, seed=1)]
+
+
+@pytest.fixture
+def model(tiny_backbone, tasks):
+    """A MultiTaskModel on the tiny backbone with a head per task of `tasks`."""
+    from mtl_utils.model import MultiTaskModel
+
+    return MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")

@@ -35,18 +35,6 @@ from mtl_utils.offline import cache
 from mtl_utils.offline.cache import atomic_dir, fingerprint, sha256_file
 from mtl_utils.recipes import TrainConfig
 
-from helpers import synthetic_task
-
-
-@pytest.fixture
-def tasks():
-    return [synthetic_task("topic", ["what", "who", "where"]), synthetic_task("mood", ["good", "bad"], seed=1)]
-
-
-@pytest.fixture
-def model(tiny_backbone, tasks):
-    return MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")
-
 
 def test_checkpoint_round_trip(model, tasks, tiny_backbone_dir, tmp_path):
     freezing.unfreeze_last(freezing.freeze_backbone(model), 1)

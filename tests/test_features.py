@@ -131,6 +131,15 @@ def test_a_damaged_shard_is_dropped_and_its_sentences_encoded_again(model, tmp_p
     assert path.name not in [p.name for p in shards(tmp_path)] and len(shards(tmp_path)) == 1
 
 
+def test_the_backbone_key_is_remembered_until_a_weight_changes(model):
+    first = features.backbone_key(model.backbone)
+    assert features.backbone_key(model.backbone) == first
+    with torch.no_grad():
+        bb.layers(model.backbone)[0].output.dense.bias.add_(1e-3)  # an in-place change: a new key
+    changed = features.backbone_key(model.backbone)
+    assert changed != first and changed == features._backbone_key(model.backbone)
+
+
 def test_the_key_separates_pipelines_and_lists():
     assert features.texts_key(["a\0b"]) != features.texts_key(["a", "b"])  # no separator to collide on
     assert features.texts_key(["ab", "c"]) != features.texts_key(["a", "bc"])

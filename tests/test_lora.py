@@ -22,20 +22,9 @@ from mtl_utils.lora import add_lora, has_lora, lora_parameters, lora_settings
 from mtl_utils.offline.cache import fingerprint
 from mtl_utils.recipes import TrainConfig
 
-from helpers import synthetic_task
-
+TASK_ROWS = 90  # the tasks fixture (conftest.py): smaller tasks, quicker training
 TEXTS = ["what a movie", "who was the actor in this long film about a story", "good", "a rather quiet plot",
          "where is the scene", "bad story", "the film was quite good", "who is very bad"]
-
-
-@pytest.fixture
-def tasks():
-    return [synthetic_task("topic", ["what", "who", "where"], n=90), synthetic_task("mood", ["good", "bad"], n=90, seed=1)]
-
-
-@pytest.fixture
-def model(tiny_backbone, tasks):
-    return MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")
 
 
 def _base_weights(model):

@@ -9,18 +9,6 @@ import torch
 
 from mtl_utils.model import MultiTaskModel, eval_mode, length_order, make_head, map_batches
 
-from helpers import synthetic_task
-
-
-@pytest.fixture
-def tasks():
-    return [synthetic_task("topic", ["what", "who", "where"]), synthetic_task("mood", ["good", "bad"], seed=1)]
-
-
-@pytest.fixture
-def model(tiny_backbone, tasks):
-    return MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")
-
 
 def test_heads_and_forward(model):
     feats = model.features(["what a movie", "good plot"])

@@ -8,23 +8,11 @@ import torch
 
 from mtl_utils import freezing, training
 from mtl_utils.similarity import layer_cka, layer_representations, linear_cka
-from mtl_utils.model import MultiTaskModel
 from mtl_utils.recipes import TrainConfig
 
-from helpers import synthetic_task
-
+TASK_ROWS = 90  # the tasks fixture (conftest.py): smaller tasks, quicker training
 TEXTS = ["what a movie", "who was the actor in this long film about a story", "good", "a rather quiet plot",
          "where is the scene", "bad story", "the film was quite good", "who is very bad"]
-
-
-@pytest.fixture
-def tasks():
-    return [synthetic_task("topic", ["what", "who", "where"], n=90), synthetic_task("mood", ["good", "bad"], n=90, seed=1)]
-
-
-@pytest.fixture
-def model(tiny_backbone, tasks):
-    return MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")
 
 
 def test_linear_cka_invariances_and_errors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from mtl_utils import freezing
@@ -10,12 +11,7 @@ from mtl_utils.recipes import TrainConfig
 from mtl_utils.series import seed_runs
 from mtl_utils.staged import gradual_unfreezing
 
-from helpers import synthetic_task
-
-
-@pytest.fixture
-def tasks():
-    return [synthetic_task("topic", ["what", "who", "where"], n=90), synthetic_task("mood", ["good", "bad"], n=90, seed=1)]
+TASK_ROWS = 90  # the tasks fixture (conftest.py): smaller tasks, quicker training
 
 
 def test_gradual_unfreezing_adds_one_layer_per_stage(tiny_backbone, tasks):
@@ -34,8 +30,21 @@ def test_seed_runs_train_one_model_per_seed(tiny_backbone_dir, tasks):
         backbone = SentenceTransformer(str(tiny_backbone_dir), device="cpu")
         return freezing.freeze_backbone(MultiTaskModel(backbone, {t.name: t.label_names for t in tasks}, seed=seed))
 
-    table, models = seed_runs(make, tasks, TrainConfig(epochs=2, head_lr=0.05), [0, 1])
-    assert list(table.seed) == [0, 0, 1, 1] and set(table.task) == {"topic", "mood"} and set(models) == {0, 1}
+    table = seed_runs(make, tasks, TrainConfig(epochs=2, head_lr=0.05), [0, 1])
+    assert list(table.seed) == [0, 0, 1, 1] and set(table.task) == {"topic", "mood"}
     assert table.val.between(0, 1).all() and table.test.between(0, 1).all()
-    again, _ = seed_runs(make, tasks, TrainConfig(epochs=2, head_lr=0.05), [0])
-    assert again.drop(columns="seconds").equals(table[table.seed == 0].drop(columns="seconds").reset_index(drop=True))
+    assert table[table.seed == 0].test.tolist() != table[table.seed == 1].test.tolist() or \
+        table[table.seed == 0].val.tolist() != table[table.seed == 1].val.tolist()  # another seed, another run
+    # the same runs again are read from the cache: nothing trains
+    import mtl_utils.series as series
+
+    trained = []
+    real_train = series.train
+    series.train = lambda *a, **k: trained.append(1) or real_train(*a, **k)
+    try:
+        again = seed_runs(make, tasks, TrainConfig(epochs=2, head_lr=0.05), [0, 1])
+        other = seed_runs(make, tasks, TrainConfig(epochs=3, head_lr=0.05), [0])  # another recipe: trains
+    finally:
+        series.train = real_train
+    pd.testing.assert_frame_equal(again, table)
+    assert trained == [1] and len(other) == 2

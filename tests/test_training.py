@@ -19,16 +19,6 @@ from mtl_utils.recipes import TrainConfig, finetune_config
 from helpers import synthetic_task
 
 
-@pytest.fixture
-def tasks():
-    return [synthetic_task("topic", ["what", "who", "where"]), synthetic_task("mood", ["good", "bad"], seed=1)]
-
-
-@pytest.fixture
-def model(tiny_backbone, tasks):
-    return MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}, backbone_name="tiny")
-
-
 def test_optimizer_sees_only_trainable_parameters_with_rates_by_depth(model):
     freezing.unfreeze_last(freezing.freeze_backbone(model), 1)
     config = TrainConfig(layer_lr_decay=0.5, backbone_lr=1e-4)
