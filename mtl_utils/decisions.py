@@ -47,10 +47,10 @@ CHART = Question(
                                               "an epoch on cached embeddings takes {heads_epoch:.1f} s against "
                                               "{layers_epoch:.0f} s with the top layers training")),
                     ("a CPU for hours, or a GPU", Question("How much labelled data per task?", (
-                        ("about a thousand", Advice("the heads only (or LoRA, for small checkpoints)",
-                                                    "on 1,000 sentences per task the best fine-tuned run changed Task B "
-                                                    "by {small_data_B:+.1f} points (p = {small_data_B_p:.2f}) against "
-                                                    "its same-data control")),
+                        ("about a thousand", Advice("LoRA, or the heads only",
+                                                    "on 1,000 sentences per task LoRA changed Task A by {lora_A:+.1f} "
+                                                    "and Task B by {lora_B:+.1f} points against its control; "
+                                                    "unfreezing layers cost Task B up to {layers_B_worst:.1f}")),
                         ("thousands", Advice("unfreeze the last k layers",
                                              "on all the training data the last {best_k} layers gained {big_data_A:+.1f} "
                                              "(Task A) and {big_data_B:+.1f} (Task B) points over the same-data control")),

@@ -77,8 +77,8 @@ README_START, README_END = "<!-- which-freezing:start -->", "<!-- which-freezing
 def readme_table(csv: Path | None = None) -> str:
     """Notebook 08's table (`results/08_which_freezing/which_freezing.csv`) as markdown for the README."""
     table = pd.read_csv(csv or results_dir("08_which_freezing") / "which_freezing.csv", dtype=str).fillna("–")
-    columns = ["way of training", "notebook", "trainable parameters", "s per epoch", "change on A (points)",
-               "change on B (points)", "against", "risk to the other task", "when"]
+    columns = ["way of training", "notebook", "trainable parameters", "one-off s", "s per epoch", "sentences/s",
+               "change on A (points)", "change on B (points)", "against", "risk to the other task", "when"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |" for _, row in table.iterrows()]
     return "\n".join(lines)

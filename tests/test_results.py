@@ -23,11 +23,12 @@ def test_readme_table_is_spliced_between_markers(tmp_path):
     from mtl_utils.results import README_END, README_START, readme_table, splice_readme
 
     csv = tmp_path / "which.csv"
-    pd.DataFrame([{"way of training": "a", "notebook": "02", "trainable parameters": "3,080", "s per epoch": 0.3,
+    pd.DataFrame([{"way of training": "a", "notebook": "02", "trainable parameters": "3,080", "one-off s": "",
+                   "s per epoch": 0.3, "sentences/s": 250,
                    "change on A (points)": "+1.0 [0.1, 2.0] *", "change on B (points)": "(the reference)",
                    "against": "x", "risk to the other task": "none", "when": "always"}]).to_csv(csv, index=False)
     block = readme_table(csv)
-    assert block.splitlines()[2].startswith("| a | 02 | 3,080 | 0.3 | +1.0 [0.1, 2.0] * |")
+    assert block.splitlines()[2].startswith("| a | 02 | 3,080 | – | 0.3 | 250 | +1.0 [0.1, 2.0] * |")
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{README_START}\nold\n{README_END}\nrest\n")
     assert splice_readme(readme, block) and not splice_readme(readme, block)
