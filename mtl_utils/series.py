@@ -67,7 +67,8 @@ def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task]
     kept epoch's validation accuracy and the test accuracy (read once per model).
 
     A run is deterministic, so its scores are kept in the cache folder, keyed by everything that decides them
-    (the model before training, the data, the recipe): a notebook that repeats another's runs reads them.
+    (the model before training and which of its parameters train, the data, the recipe): a notebook that repeats
+    another's runs reads them.
     """
     rows = []
     for seed in seeds:
@@ -75,6 +76,7 @@ def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task]
         config_seed = config.but(seed=seed, progress=False)
         key = fingerprint(((n, t) for n, t in model.state_dict().items() if not n.startswith("backbone.")),
                           backbone_key(model.backbone), model.head_config,
+                          [n for n, p in model.named_parameters() if p.requires_grad],
                           [(t.name, texts_key([*t.train.text, *t.val.text, *t.test.text]),
                             t.train.label.tolist(), t.val.label.tolist(), t.test.label.tolist()) for t in tasks],
                           sorted(asdict(config_seed).items()))

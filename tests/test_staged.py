@@ -44,7 +44,9 @@ def test_seed_runs_train_one_model_per_seed(tiny_backbone_dir, tasks):
     try:
         again = seed_runs(make, tasks, TrainConfig(epochs=2, head_lr=0.05), [0, 1])
         other = seed_runs(make, tasks, TrainConfig(epochs=3, head_lr=0.05), [0])  # another recipe: trains
+        # the same weights and recipe with a top layer unfrozen is another run: trains
+        unfrozen = seed_runs(lambda s: freezing.unfreeze_last(make(s), 1), tasks, TrainConfig(epochs=2, head_lr=0.05), [0])
     finally:
         series.train = real_train
     pd.testing.assert_frame_equal(again, table)
-    assert trained == [1] and len(other) == 2
+    assert trained == [1, 1] and len(other) == 2 and len(unfrozen) == 2
