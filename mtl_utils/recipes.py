@@ -26,6 +26,7 @@ SELECTIONS = {
     "no_task_worse": "as mean, but an epoch in which any task's validation accuracy falls below epoch 0's by more "
                      "than that task's noise (evaluation.select's rule) is never kept",
 }
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # autocast per training step; fp16 needs a GPU
 CLASS_WEIGHTS = ("balanced",)  # sklearn's compute_class_weight: n_samples / (n_classes * count of each class)
 
 
@@ -56,12 +57,14 @@ class TrainConfig:
     prefix_layers: int | None = None  # frozen layers the prefix cache stores (default all): fewer lets runs
     #                                   that unfreeze different numbers of top layers share one cache
     eval_batch_size: int = 128
+    mixed_precision: str = "no"  # "bf16": each step's forward in bf16 autocast (weights and optimizer stay fp32)
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
         for name, value, known in (("sampling", self.sampling, SAMPLINGS), ("schedule", self.schedule, SCHEDULES),
-                                   ("metric", self.metric, METRICS), ("selection", self.selection, SELECTIONS)):
+                                   ("metric", self.metric, METRICS), ("selection", self.selection, SELECTIONS),
+                                   ("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)):
             if value not in known:
                 raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
         if self.class_weights is not None and self.class_weights not in CLASS_WEIGHTS:

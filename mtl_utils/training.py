@@ -7,6 +7,7 @@ runs in every process: Accelerate's prepared data loader gives each process its 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -150,8 +151,47 @@ def _check_accelerator(accelerator: Accelerator) -> Accelerator:
     return accelerator
 
 
+def refuse_enclosing_autocast(device: torch.device) -> None:
+    """Raise when `train` is called inside a `torch.autocast` block: the block would freeze what the model sees.
+
+    Autocast keeps its low-precision copy of every trainable weight until the outermost block exits, so under a
+    block around the whole run every step would use the copies made at its first forward while the optimizer
+    changes the real weights (tests/test_training.py shows it). The loop enters autocast itself, once per step.
+    """
+    for kind in {"cpu", device.type}:
+        if torch.is_autocast_enabled(kind):
+            raise RuntimeError(
+                f"train() was called inside torch.autocast({kind!r}): autocast caches its low-precision copies of "
+                "the trainable weights until the outermost block exits, so every step would reuse the weights of "
+                "the first step. Call train() outside the block and ask for the precision instead: "
+                "TrainConfig(mixed_precision='bf16') (or --mixed-precision bf16 on the command line)")
+
+
+def _check_precision(accelerator: Accelerator, config: TrainConfig) -> Accelerator:
+    """The loop autocasts each step as the config says; an accelerator may only agree (fp16 needs its scaler)."""
+    if accelerator.mixed_precision not in ("no", config.mixed_precision):
+        raise ValueError(f"the accelerator trains in mixed precision {accelerator.mixed_precision!r} but the config "
+                         f"asks for {config.mixed_precision!r}: make both say the same")
+    if config.mixed_precision == "fp16" and accelerator.mixed_precision != "fp16":
+        raise ValueError("mixed_precision='fp16' needs a GPU and the accelerator's gradient scaler: pass "
+                         "accelerator=make_accelerator('fp16'), or use 'bf16'")
+    return accelerator
+
+
+def step_autocast(config: TrainConfig, device: torch.device):
+    """A new autocast block for one step's forward (none in fp32): the block's weight copies die with the step."""
+    if config.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16)
+
+
 def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task]) -> dict[str, Task]:
     """Tasks by name, each with a head that knows its labels."""
+    values = list(tasks.values()) if isinstance(tasks, Mapping) else tasks
+    if isinstance(tasks, str | Task) or not isinstance(values, Sequence) or not values \
+            or not all(isinstance(t, Task) for t in values):
+        raise TypeError(f"tasks must be a non-empty list of Task (or a dict of them by name), got {tasks!r:.80}; "
+                        "data.load_task or data.task_from_dataframe makes a Task")
     if not isinstance(tasks, Mapping):
         names = [t.name for t in tasks]
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -221,12 +261,18 @@ def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], con
     The model trains on its own device; under `accelerate launch` or `torchrun`, put it on `accelerator.device`.
     """
     config = config or TrainConfig()
-    accelerator = _check_accelerator(accelerator or make_accelerator())
+    refuse_enclosing_autocast(model.device)
+    accelerator = _check_precision(_check_accelerator(accelerator or make_accelerator()), config)
     tasks = check_tasks(model, tasks)
     names = list(config.train_tasks or tasks)
     select_on = list(config.select_on or names)
     for name in {*names, *select_on} - set(tasks):
         raise ValueError(f"task {name!r} is not among the tasks given: {', '.join(tasks)}")
+    largest = max(len(tasks[n].train) for n in names)
+    if config.batch_size > largest:
+        raise ValueError(f"batch_size {config.batch_size} is larger than every task's training set (the largest has "
+                         f"{largest} rows): each row would repeat about {config.batch_size // largest} times in one "
+                         f"step; use a batch_size of at most {largest}")
     groups = optimizer_groups(model, config)
     trainable = [p for g in groups for p in g["params"]]
     model.tuned_backbone |= {n for n, p in model.backbone.named_parameters() if p.requires_grad}
@@ -279,7 +325,7 @@ def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], con
         model.train()
         losses: dict[str, list[float]] = {n: [] for n in names}
         for step, (name, idx) in enumerate(loader, 1):
-            with accelerator.autocast():
+            with step_autocast(config, model.device):
                 logits = ddp_model(name, train_src[name](idx))
                 weight = None if weights[name] is None else weights[name].to(logits.device)
                 loss = F.cross_entropy(logits, labels[name][torch.as_tensor(idx)].to(logits.device), weight=weight)
