@@ -217,6 +217,8 @@ def _check_config(config: object, folder: Path) -> dict:
 
 def _read(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """A checkpoint's configuration and tensors, read together (one version even while a writer replaces it)."""
+    if not isinstance(folder, str | os.PathLike) or not str(folder):
+        raise TypeError(f"a checkpoint is a folder: give its path (str or Path), got {folder!r}")
     folder = Path(folder)
     files = read_complete(folder)
     if files is None:
@@ -278,12 +280,20 @@ def _check_backbone(model: MultiTaskModel, config: dict, stored: list[str]) -> N
                               f"{config['backbone']!r} as load_backbone gives it (or let load_checkpoint load it)")
 
 
+def same_backbone(a: str, b: str) -> bool:
+    """Two backbone names mean the same backbone: equal, or one local folder written two ways."""
+    if a == b:
+        return True
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.is_dir() and second.is_dir() and first.resolve() == second.resolve()
+
+
 def _check_fit(model: MultiTaskModel, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Every reason the checkpoint cannot go into `model`, as one clear error, before anything is changed."""
     tasks = {t: tuple(labels) for t, labels in config["tasks"].items()}
     if tasks != model.label_names:
         raise CheckpointError(f"checkpoint tasks {tasks} differ from the model's {model.label_names}")
-    if config["backbone"] != model.backbone_name:
+    if not same_backbone(config["backbone"], model.backbone_name):
         raise CheckpointError(f"checkpoint was trained on backbone {config['backbone']!r}, "
                               f"the model has {model.backbone_name!r}")
     ours, theirs = model.head_config, config["head"]

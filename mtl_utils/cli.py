@@ -9,11 +9,14 @@ torch-free recipes are imported up front, so `--help` answers at once; the libra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from .recipes import (CLASS_WEIGHTS, DEFAULT_BACKBONE, FREEZE_SCENARIOS, HEAD_KI
 PROG = "python -m mtl_utils.cli"
 BUILT_IN = ("trec", "movies", "amazon", "nyt", "tweets")  # mtl_utils.data.DATASETS (a test keeps them equal)
 RUN_FILES = ("checkpoint", "history.csv", "metrics.json")  # what a run writes into --output
+RUN_ENTRIES = {*RUN_FILES, ".complete.json"}  # and the checksums of them all (offline.cache.COMPLETE_MARKER)
 RECIPE_FIELDS = ("epochs", "head_lr", "backbone_lr", "layer_lr_decay")  # where finetune_config differs from heads
 EPILOG = f"""\
 examples:
@@ -38,6 +42,23 @@ your own data: NAME=path.csv with a `text` and a `label` column (class names). A
 stratified (10% each; with no split column: 80/10/10). Rows that repeat another row's text and label are
 dropped, one copy kept (in test, else val, else train), unless --duplicates keep.
 """
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+non_negative, positive = _integer(0), _integer(1)  # argparse types: the error names the option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +82,7 @@ def add_export_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("out", help="the export folder to write (an existing export folder is replaced; any other "
                                     "existing folder is refused)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 graph")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--opset", type=positive, default=17, help="ONNX opset (default: %(default)s)")
     parser.set_defaults(run=run_export)
     return parser
 
@@ -102,8 +123,9 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                       help=f"a task, repeatable: a built-in dataset ({', '.join(BUILT_IN)}) or NAME=path.csv with "
                            "columns text,label and optionally split (train/val/test; see below); "
                            f"default: {' and '.join(TASKS)}")
-    data.add_argument("--split-seed", type=int, default=0, metavar="N",
-                      help="seed of the data splits (default: %(default)s, the splits of the notebooks)")
+    data.add_argument("--split-seed", type=non_negative, metavar="N",
+                      help="seed of the data splits (default: 0, the splits of the notebooks; with --from and no "
+                           "--task: the benchmark run's)")
     data.add_argument("--duplicates", choices=("drop", "keep"),
                       help="rows that repeat another row's text and label: drop the copies (one stays, in one split) "
                            "or keep them; either way a warning counts them (default: drop for your CSV files, keep "
@@ -118,7 +140,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                            + " (default: %(default)s)")
     what.add_argument("--freeze-head", action="append", default=[], metavar="TASK",
                       help="after --freeze, this task's head stays frozen (repeatable)")
-    what.add_argument("--unfreeze-last", type=int, metavar="K",
+    what.add_argument("--unfreeze-last", type=non_negative, metavar="K",
                       help="after --freeze, the backbone's top K transformer layers train too")
     what.add_argument("--unfreeze-embeddings", action="store_true",
                       help="with --unfreeze-last: the token embeddings train too")
@@ -129,9 +151,9 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                            "reports both, the verdict and the reason; the checkpoint written is the one kept")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, metavar="N",
+    opt.add_argument("--epochs", type=positive, metavar="N",
                      help=f"epochs (default: {d.epochs}" + recipe.format(f.epochs) + ")")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
+    opt.add_argument("--batch-size", type=positive, default=d.batch_size, metavar="N",
                      help="examples per step, over all processes together (default: %(default)s)")
     opt.add_argument("--head-lr", type=float, metavar="LR",
                      help=f"AdamW learning rate of the heads (default: {d.head_lr}" + recipe.format(f.head_lr) + ")")
@@ -157,7 +179,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     opt.add_argument("--class-weights", choices=CLASS_WEIGHTS,
                      help="for imbalanced labels: weigh each class in the loss inversely to its training count "
                           "(sklearn's compute_class_weight; default: no weights)")
-    opt.add_argument("--seed", type=int, default=d.seed, metavar="N",
+    opt.add_argument("--seed", type=non_negative, default=d.seed, metavar="N",
                      help="seed of the heads' initial weights, the task plan and the batches (default: %(default)s)")
 
     pick = parser.add_argument_group("which epoch is kept (on validation data)")
@@ -168,7 +190,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                            "over every task)")
     pick.add_argument("--selection", choices=list(SELECTIONS), default=d.selection,
                       help="; ".join(f"{k}: {v}" for k, v in SELECTIONS.items()) + " (default: %(default)s)")
-    pick.add_argument("--patience", type=int, default=d.patience, metavar="N",
+    pick.add_argument("--patience", type=positive, default=d.patience, metavar="N",
                       help="stop after N epochs without a better validation score (default: never)")
 
     run = parser.add_argument_group("run")
@@ -177,7 +199,8 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                           "before any work; a folder that holds a run is refused unless --overwrite)")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --output")
     run.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
-                     help="autocast precision: fp16 needs a GPU, bf16 runs on recent GPUs and CPUs "
+                     help="autocast precision, entered once per training step: fp16 needs a GPU, bf16 runs on recent "
+                          "GPUs and CPUs "
                           "(default: %(default)s)")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is present")
     run.add_argument("--no-cache", action="store_true",
@@ -194,11 +217,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "train":
         if args.unfreeze_embeddings and args.unfreeze_last is None:
             parser.error("--unfreeze-embeddings goes with --unfreeze-last K")
-        args.tasks = args.tasks or list(TASKS)
+        if args.tasks is None and args.from_dir is None:
+            args.tasks = list(TASKS)
         try:
-            names = [task_name(spec) for spec in args.tasks]
+            names = [task_name(spec) for spec in args.tasks or []]
             for task in (args.select_on or []) + args.freeze_head:
-                if task not in names:
+                if args.tasks is not None and task not in names:
                     raise ValueError(f"unknown task {task!r} in --select-on/--freeze-head; the tasks are: "
                                      f"{', '.join(names)}")
             train_config(args)
@@ -221,7 +245,42 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         schedule=args.schedule, max_grad_norm=args.max_grad_norm or None, sampling=args.sampling,
         temperature=args.temperature, metric=args.metric, select_on=args.select_on, selection=args.selection,
         class_weights=args.class_weights, patience=args.patience, seed=args.seed, use_cache=not args.no_cache,
+        mixed_precision=args.mixed_precision,
         progress=not args.no_progress)
+
+
+def resolved_spec(spec: str) -> str:
+    """A --task as it can be used from any folder: NAME=path.csv with the file's absolute path."""
+    name, is_file, path = spec.partition("=")
+    return f"{name}={Path(path).resolve()}" if is_file else spec
+
+
+def backbone_spec(name: str) -> str:
+    """A --backbone as stored in the checkpoint: a local folder by its absolute path (so the checkpoint loads from
+    any folder, and one folder named two ways is one backbone); a known name or hub id as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def from_tasks(from_dir: str, names: list[str]) -> tuple[list[str], int | None]:
+    """The --task specs and the split seed of the run in `from_dir` (its metrics.json), for --from without --task."""
+    folder = Path(from_dir)
+    run = folder.parent if folder.name == "checkpoint" and not (folder / "metrics.json").exists() else folder
+    try:
+        saved = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+        specs, split_seed = saved["task_specs"], saved["split_seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        if all(name in BUILT_IN for name in names):
+            return list(names), None
+        raise ValueError(f"--from {from_dir} does not say where its tasks' data came from (no metrics.json with "
+                         "task_specs: a checkpoint folder, or a run of an older version); give them again: "
+                         + " ".join(f"--task {n}=PATH.csv" if n not in BUILT_IN else f"--task {n}" for n in names)) \
+            from None
+    gone = [spec for spec in specs if "=" in spec and not Path(spec.partition("=")[2]).is_file()]
+    if gone:
+        raise ValueError(f"--from {from_dir} was trained on {', '.join(gone)}, which is no longer there; give its "
+                         "tasks again with --task NAME=path.csv (the same rows, for a fair comparison)")
+    return specs, split_seed
 
 
 def task_name(spec: str) -> str:
@@ -239,6 +298,31 @@ def task_name(spec: str) -> str:
     return check_task_name(name)
 
 
+def read_csv(path: str):
+    """A task's CSV file, every cell as written (a text "NA" stays a text; a blank label is refused as a missing
+    label), its rows numbered as a spreadsheet numbers them (the header is row 1); errors name the file."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: expected a CSV file whose header row names a text and a label column") \
+            from None
+    except UnicodeDecodeError:
+        data = Path(path).read_bytes()  # pandas counts within its read buffer: find the place in the file
+        try:
+            data.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            where = f" (byte {data[error.start]:#04x} at offset {error.start}, line {line})"
+        raise ValueError(f"{path} is not UTF-8 text{where}; save it as UTF-8 CSV") from None
+    except pd.errors.ParserError as error:
+        raise ValueError(f"{path} is not a CSV file that can be read: {str(error).strip()}") from None
+    frame.index = pd.RangeIndex(2, len(frame) + 2, name="CSV row")
+    return frame
+
+
 def load_tasks(specs: list[str], split_seed: int = 0, duplicates: str | None = None):
     """Each spec is a built-in dataset name, or NAME=path.csv with columns text,label (and optionally split)."""
     import pandas as pd
@@ -252,10 +336,12 @@ def load_tasks(specs: list[str], split_seed: int = 0, duplicates: str | None = N
     for name, spec in zip(names, specs):
         path = spec.partition("=")[2]
         if path:
-            # every cell as written: a text "NA" stays a text; a blank label is refused as a missing label
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-            tasks.append(task_from_dataframe(name, frame, seed=split_seed, description=f"from {Path(path).name}",
-                                             duplicates=duplicates or "drop"))
+            frame = read_csv(path)
+            try:
+                tasks.append(task_from_dataframe(name, frame, seed=split_seed, description=f"from {Path(path).name}",
+                                                 duplicates=duplicates or "drop", source=path))
+            except ValueError as error:
+                raise ValueError(f"--task {name}: {error}") from None
         else:
             tasks.append(load_task(spec, seed=split_seed, duplicates=duplicates or "keep"))
     return tasks
@@ -283,36 +369,115 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def prepare_output(folder: Path, overwrite: bool = False) -> list[Path]:
-    """Check, before any work, that `folder` can take a run; create it. Returns the folders created (deepest
-    first), which `remove_created` takes away again if the run fails."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output {shown(folder)} is a file, not a folder")
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
+def check_output(output: str, overwrite: bool = False) -> Path:
+    """Check, before any work, that `--output` can take a run: a new folder, an empty one, or (with --overwrite) a
+    run and nothing else, since the finished run replaces the whole folder in one step. Returns its path."""
+    from .checkpoint import check_replaceable
+    from .offline.cache import clean_stale
+
+    if not output.strip():
+        raise ValueError("--output needs a folder name (got an empty one)")
+    folder = Path(output)
+    if folder.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise ValueError(f"--output {output} is the current folder or one above it; a run replaces its whole folder: "
+                         "name a new folder (e.g. runs/heads)")
+    existing = next(p for p in [folder.parent, *folder.parent.parents] if p.exists())
     if not existing.is_dir():
         raise ValueError(f"--output {shown(folder)} lies under {shown(existing)}, which is a file")
-    held = [name for name in RUN_FILES if (folder / name).exists()]
-    if held and not overwrite:
-        raise ValueError(f"--output {shown(folder)} already holds a run ({', '.join(held)}); choose another folder, "
-                         "or add --overwrite to replace it")
-    created = [p for p in [folder, *folder.parents] if not p.exists()]
+    if not os.access(existing, os.W_OK | os.X_OK) or _read_only(existing):
+        raise ValueError(f"--output {shown(folder)} is not writable: the run is written beside it, in "
+                         f"{shown(existing)}, which this user cannot write")
+    if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+        raise ValueError(f"--output {shown(folder)} is a file, not a folder")
+    if folder.is_dir():
+        clean_stale(folder)  # temporaries that an older version's killed run left inside
+        names = sorted(os.listdir(folder))
+        foreign = [n for n in names if n not in RUN_ENTRIES]
+        if foreign:
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            raise ValueError(f"--output {shown(folder)} holds files that are not part of a run "
+                             f"({', '.join(foreign[:5])}{more}); a run replaces its whole folder: choose a new or "
+                             "empty folder, or move them away first")
+        held = [name for name in RUN_FILES if name in names]
+        if held and not overwrite:
+            raise ValueError(f"--output {shown(folder)} already holds a run ({', '.join(held)}); choose another "
+                             "folder, or add --overwrite to replace it")
+        try:
+            check_replaceable(folder / "checkpoint")
+        except FileExistsError:
+            raise ValueError(f"--output {shown(folder)}: its checkpoint/ holds files that are not part of a "
+                             "checkpoint; move them away first (the run would replace that folder)") from None
+    return folder
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether `folder` refuses new entries although its mode allows them (a read-only mount, /proc as root)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        remove_created(created)
-        raise ValueError(f"--output {shown(folder)} is not writable: {error.strerror or error}") from None
-    return created
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".mtl-write-test-"):
+            return False
+    except OSError:
+        return True
+
+
+def parents_to_create(folder: Path) -> list[Path]:
+    """The folders above `folder` that do not exist yet (deepest first): made for the run, removed if it fails."""
+    return [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]
 
 
 def remove_created(created: list[Path]) -> None:
-    """Remove the folders `prepare_output` created, where they are still empty (a failed run leaves nothing)."""
+    """Remove the folders made for a run, where they are still empty (a failed run leaves nothing)."""
     for folder in created:
         try:
             folder.rmdir()
         except OSError:
             return
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `--output` for the whole run: a second run into the same folder is refused at
+    once. The lock is `.NAME.lock` beside the folder (flock: the system releases it when a process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: no lock there
+        yield
+        return
+    path = folder.parent / f".{folder.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"--output {shown(folder)} is being written by another run (process {holder}); wait "
+                             "for it to finish, or choose another folder") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break  # still the lock file at that path (not one a finishing run just removed)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def write_run(folder: Path, model, history, metrics: dict) -> None:
+    """The run's checkpoint, history and metrics into a temporary folder beside `folder`, which then replaces
+    `folder` in one step: a kill or a full disk at any moment leaves the old run whole, or no folder."""
+    from .checkpoint import save_checkpoint
+    from .offline.cache import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        save_checkpoint(model, tmp / "checkpoint")
+        history.to_csv(tmp / "history.csv", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
 
 
 def checkpoint_in(folder: str | Path) -> Path:
@@ -329,8 +494,8 @@ def trained_parameters(model) -> int:
 
 
 def evaluate_run(model, tasks, use_cache: bool, progress: bool) -> dict:
-    """Scores on validation and test of every task, and per-class reports (with a progress bar)."""
-    from .evaluation import class_report, scores, split_probabilities
+    """Scores on validation and test of every task (accuracy with its 95% interval), and per-class reports."""
+    from .evaluation import accuracy_interval, class_report, scores, split_probabilities
     from .model import progress_bar
 
     out: dict = {"val": {}, "test": {}, "per_class": {"val": {}, "test": {}}}
@@ -339,7 +504,10 @@ def evaluate_run(model, tasks, use_cache: bool, progress: bool) -> dict:
             for task in tasks:
                 labels = task.split(split)["label"].to_numpy()
                 probs = split_probabilities(model, task, split, use_cache, progress)
-                out[split][task.name] = scores(labels, probs)
+                found = scores(labels, probs)
+                right = int((probs.argmax(-1) == labels).sum())
+                found["accuracy_95"] = list(accuracy_interval(right, len(labels)))  # Wilson score interval
+                out[split][task.name] = found
                 out["per_class"][split][task.name] = class_report(labels, probs, task.label_names)
                 bar.update()
     return out
@@ -366,32 +534,39 @@ def run_train(args: argparse.Namespace) -> dict | None:
     from .training import DivergedError, make_accelerator
 
     start = time.perf_counter()
-    out = Path(args.output)
     try:
-        created = prepare_output(out, args.overwrite)
+        out = check_output(args.output, args.overwrite)
     except ValueError as error:
         sys.exit(f"{PROG}: error: {error}")
     accelerator = make_accelerator(args.mixed_precision, cpu=args.cpu)
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        remove_created(created)
         sys.exit(f"{PROG}: error: --mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
     config = train_config(args)
-    with warnings.catch_warnings():
+    created = parents_to_create(out)
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
         if accelerator.is_main_process:
             warnings.showwarning = _print_data_warnings(warnings.showwarning)
         else:
             warnings.simplefilter("ignore", UserWarning)  # the first process says it once
         try:
+            if accelerator.is_main_process:  # the one writer: holds --output from here until the run is written
+                out.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(output_lock(out))
+                check_output(args.output, args.overwrite)  # again, under the lock: a run may have finished meanwhile
             benchmark = None
             if args.from_dir:
                 benchmark = checkpoint_in(args.from_dir)
                 saved = read_config(benchmark)
                 args.backbone = args.backbone or saved["backbone"]
+                if args.tasks is None:  # the benchmark's own data and splits
+                    args.tasks, split_seed = from_tasks(args.from_dir, list(saved["tasks"]))
+                    args.split_seed = split_seed if args.split_seed is None else args.split_seed
                 missing = sorted(set(saved["tasks"]) ^ {task_name(spec) for spec in args.tasks})
                 if missing:
                     raise ValueError(f"--from {shown(benchmark)} has the tasks {', '.join(saved['tasks'])}; give "
                                      f"exactly those with --task (they differ in {', '.join(missing)})")
-            args.backbone = args.backbone or DEFAULT_BACKBONE
+            args.split_seed = 0 if args.split_seed is None else args.split_seed
+            args.backbone = backbone_spec(args.backbone or DEFAULT_BACKBONE)
             with accelerator.main_process_first():  # the first process materialises the backbone into the cache
                 tasks = load_tasks(args.tasks, args.split_seed, args.duplicates)
                 model = build_model(args.backbone, tasks, head=args.head, seed=args.seed, device=accelerator.device)
@@ -400,6 +575,7 @@ def run_train(args: argparse.Namespace) -> dict | None:
             apply_freezing(model, args)
             metrics = _train_and_report(model, tasks, config, accelerator, args, benchmark, start)
         except (DivergedError, ValueError, OSError, BackboneUnavailableError) as error:
+            stack.close()
             remove_created(created)
             sys.exit(f"{PROG}: error: {error}")
     accelerator.wait_for_everyone()
@@ -413,9 +589,7 @@ def _train_and_report(model, tasks, config: TrainConfig, accelerator, args: argp
     import torch
 
     from . import freezing
-    from .checkpoint import save_checkpoint
     from .evaluation import select
-    from .offline.cache import atomic_path, atomic_write_text
     from .training import train
 
     main = accelerator.is_main_process
@@ -460,16 +634,15 @@ def _train_and_report(model, tasks, config: TrainConfig, accelerator, args: argp
         "elapsed_seconds": round(time.perf_counter() - start, 2),
         "tasks": {t.name: {"labels": list(t.label_names), "train": len(t.train), "val": len(t.val),
                            "test": len(t.test)} for t in tasks},
+        "task_specs": [resolved_spec(spec) for spec in args.tasks],  # what --from without --task reads again
+        "split_seed": args.split_seed,
         "trainable_parameters": freezing.count_trainable(model),
         "config": {"command_line": {k: v for k, v in vars(args).items() if k != "run"}, "train": asdict(config)},
     }
     if staged is not None:
         metrics["staged"] = staged
     out = Path(args.output)
-    save_checkpoint(model, out / "checkpoint")
-    with atomic_path(out / "history.csv") as tmp:
-        history.to_csv(tmp, index=False)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    write_run(out, model, history, metrics)
     for split in ("val", "test"):
         shown_scores = ", ".join(f"{name} {m['accuracy']:.3f}" for name, m in metrics[split].items())
         print(f"{split} accuracy: {shown_scores}")

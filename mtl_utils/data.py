@@ -154,6 +154,7 @@ def task_from_dataframe(
     seed: int = 0,
     description: str = "",
     duplicates: str = "drop",
+    source: str = "df",
 ) -> Task:
     """A Task from your DataFrame with `text` and `label` columns, split stratified by label with `seed`.
 
@@ -161,7 +162,8 @@ def task_from_dataframe(
     `label_names`. Sizes are fractions of `df`; with a `test` DataFrame only val is carved from `df`.
     A `split` column (values train, val, test) fixes each row's split; a split no row names is carved from
     the train rows (`val_size`, `test_size` are then fractions of them). The `id` column of every split holds
-    the row's index label in `df` (or `test`).
+    the row's index label in `df` (or `test`); errors name rows by that label (name the index, e.g. "line", to
+    have them named so) and name the data by `source`.
 
     Rows that repeat another row's text and label are dropped (`duplicates="drop"`), keeping one copy, in
     test if one is there, else in val, else in train: no text is trained on and tested on. A DataWarning
@@ -170,23 +172,28 @@ def task_from_dataframe(
     """
     name = check_task_name(name)
     _check_choice("duplicates", duplicates, DUPLICATES)
+    for what, frame in ((source, df), ("test", test)):
+        if not isinstance(frame, pd.DataFrame) and (what != "test" or frame is not None):
+            raise TypeError(f"{what} must be a pandas DataFrame with a 'text' and a 'label' column, got "
+                            f"{type(frame).__name__}" + (" (pd.DataFrame(rows) makes one from a list of dicts)"
+                                                         if isinstance(frame, list) else ""))
     inferred = label_names is None
     if label_names is not None:
         label_names = _check_label_names(label_names)
-    data, label_names = _clean(df, label_names, "df")
+    data, label_names = _clean(df, label_names, source)
     if test is not None:
         if "split" in df.columns:
-            raise ValueError("df has a 'split' column and a test DataFrame was given: mark your test rows "
+            raise ValueError(f"{source} has a 'split' column and a test DataFrame was given: mark your test rows "
                              "split='test' in df, or leave out the split column")
         test_data, _ = _clean(test, label_names, "test")
         data = pd.concat([data.assign(split=""), test_data.assign(split="test")], ignore_index=True)
     elif "split" in df.columns:
-        data["split"] = _check_splits(df["split"])
+        data["split"] = _check_splits(df["split"], source)
     else:
         data["split"] = ""
     if data["label"].nunique() < 2:
         only = label_names[data["label"].iloc[0]]
-        raise ValueError(f"df: every row has the label {only!r}; a classification task needs at least two classes")
+        raise ValueError(f"{source}: every row has the label {only!r}; a classification task needs at least two classes")
     what = f"task {name!r}"
     if duplicates == "drop":
         data = _drop_duplicates(data, what)
@@ -222,12 +229,12 @@ def _carve(data: pd.DataFrame, label_names: tuple[str, ...], val_size: float, te
     return given
 
 
-def _check_splits(split: pd.Series) -> np.ndarray:
+def _check_splits(split: pd.Series, source: str = "df") -> np.ndarray:
     """The split column: every value train, val or test."""
     bad = ~split.isin(SPLITS)
     if bad.any():
         values = sorted({repr(v) for v in split[bad]})[:_MAX_ROWS_SHOWN]
-        raise ValueError(f"df: split values {', '.join(values)} in {_rows(bad)} are not a split; the split column "
+        raise ValueError(f"{source}: split values {', '.join(values)} in {_rows(bad)} are not a split; the split column "
                          f"accepts {', '.join(SPLITS)} (leave the column out to split 80/10/10)")
     return split.to_numpy()
 
@@ -310,6 +317,10 @@ def _clean(df: pd.DataFrame, label_names: tuple[str, ...] | None, what: str) -> 
     empty = texts == ""
     if empty.any():
         raise ValueError(f"{what}: empty or whitespace-only text in {_rows(empty)}; every text must be a non-empty str")
+    unencodable = ~texts.map(_encodable).astype(bool)
+    if unencodable.any():
+        raise ValueError(f"{what}: text that is not valid Unicode in {_rows(unencodable)} (a lone surrogate, e.g. from "
+                         "decoding bytes with errors='surrogateescape'); clean it first")
     no_label = labels.isna() | labels.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
     if no_label.any():
         raise ValueError(f"{what}: missing label (None, NaN or blank) in {_rows(no_label)}; every row needs a label")
@@ -407,7 +418,7 @@ def _rows(mask: pd.Series) -> str:
     index = mask.index[mask.to_numpy()].tolist()
     shown = ", ".join(map(repr, index[:_MAX_ROWS_SHOWN]))
     more = f" and {len(index) - _MAX_ROWS_SHOWN} more" if len(index) > _MAX_ROWS_SHOWN else ""
-    return f"{len(index)} row{'s' if len(index) != 1 else ''} (index {shown}{more})"
+    return f"{len(index)} row{'s' if len(index) != 1 else ''} ({mask.index.name or 'index'} {shown}{more})"
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 import warnings
 import weakref
@@ -36,7 +37,7 @@ from . import backbone as bb
 from . import freezing
 from .data import check_texts
 from .model import MultiTaskModel, map_batches
-from .offline.cache import atomic_path, cache_dir, fingerprint
+from .offline.cache import atomic_path, cache_dir, clean_stale, fingerprint, process_alive, writer_tag
 
 PREFIX_MEMORY_ENV = "MTL_UTILS_PREFIX_MEMORY_GB"
 PREFIX_MEMORY_FRACTION = 0.25  # of the machine's memory, for all in-memory prefix states together
@@ -80,6 +81,17 @@ def _settings(module: torch.nn.Module) -> object:
     return {k: v for k, v in getter().items() if "path" not in k.lower()}  # settings, not where it was loaded from
 
 
+def precision(device: torch.device) -> str:
+    """The arithmetic the backbone runs in right now on `device`: "fp32", or the autocast dtype in force.
+
+    Part of every cache key: entries computed under bf16 autocast are another model's numbers, and an fp32 run
+    must never read them (the weights' own dtype is already in the backbone's fingerprint).
+    """
+    if torch.is_autocast_enabled(device.type):
+        return f"autocast-{str(torch.get_autocast_dtype(device.type)).removeprefix('torch.')}"
+    return "fp32"
+
+
 def text_hash(text: str) -> bytes:
     """16 bytes that name one sentence (BLAKE2b of its UTF-8 bytes)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
@@ -101,7 +113,8 @@ class EmbeddingStore:
     """Every sentence embedding one backbone has computed: rows in memory, shards on disk.
 
     A shard is a safetensors file with `keys` (n, 16) uint8 text hashes and `embeddings` (n, dim) float32,
-    and in its metadata the shape, dtype and SHA-256 of both; a shard that does not match is deleted.
+    and in its metadata the store's key (backbone and precision), the shape, dtype and SHA-256 of both; a shard
+    that does not match them (damaged, or copied from another backbone's store) is deleted.
     """
 
     def __init__(self, key: str, dim: int, disk: bool = True) -> None:
@@ -122,13 +135,17 @@ class EmbeddingStore:
         """Read the shards other processes (or earlier runs) wrote since the last look."""
         if not self.disk:
             return
-        for path in sorted(self.folder.glob("shard-*.safetensors")):
+        for path in self._shards():
             if path.name in self.seen:
                 continue
             loaded = self._read(path)
             self.seen.add(path.name)
             if loaded is not None:
                 self._add(*loaded)
+
+    def _shards(self) -> list[Path]:
+        """The shard files (something else named like one, e.g. a folder, is not ours: left alone, unread)."""
+        return sorted(p for p in self.folder.glob("shard-*.safetensors") if p.is_file() and not p.is_symlink())
 
     def _read(self, path: Path) -> tuple[list[bytes], torch.Tensor] | None:
         """A shard's hashes and embeddings, or None (and the shard deleted) when it is not what it says it is."""
@@ -138,7 +155,8 @@ class EmbeddingStore:
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
             meta = json.loads(header["__metadata__"]["check"])
             keys, emb = tensors["keys"], tensors["embeddings"]
-            ok = (list(emb.shape) == meta["shape"] and str(emb.dtype) == meta["dtype"] == "torch.float32"
+            ok = (meta.get("store") == self.key
+                  and list(emb.shape) == meta["shape"] and str(emb.dtype) == meta["dtype"] == "torch.float32"
                   and emb.shape[1] == self.dim and keys.shape == (emb.shape[0], 16)
                   and _digest(keys, emb) == meta["sha256"] and bool(torch.isfinite(emb).all()))
         except FileNotFoundError:
@@ -147,8 +165,9 @@ class EmbeddingStore:
             ok = False
         if not ok:
             self.dropped.append(path.name)
-            warnings.warn(f"embedding cache: {path.name} of backbone {self.key} is damaged (shape, dtype or checksum "
-                          "does not match); deleted, its sentences will be encoded again", stacklevel=3)
+            warnings.warn(f"embedding cache: {path.name} of backbone {self.key} is damaged or belongs to another "
+                          "backbone (its store, shape, dtype or checksum does not match); deleted, its sentences will "
+                          "be encoded again", stacklevel=3)
             path.unlink(missing_ok=True)
             return None
         return [bytes(k) for k in keys.numpy()], emb
@@ -168,13 +187,14 @@ class EmbeddingStore:
         self._add(keys, emb)
         if self.disk:
             self._write(keys, emb)
-            shards = sorted(self.folder.glob("shard-*.safetensors"))
+            shards = self._shards()
             if len(shards) > _MAX_SHARDS:
                 self._merge(shards)
 
     def _write(self, keys: list[bytes], emb: torch.Tensor) -> str:
         key_tensor = torch.from_numpy(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy())
-        check = {"shape": list(emb.shape), "dtype": str(emb.dtype), "sha256": _digest(key_tensor, emb)}
+        check = {"store": self.key, "shape": list(emb.shape), "dtype": str(emb.dtype),
+                 "sha256": _digest(key_tensor, emb)}
         name = f"shard-{uuid.uuid4().hex}.safetensors"
         with atomic_path(self.folder / name) as tmp:
             save_file({"keys": key_tensor, "embeddings": emb}, str(tmp), metadata={"check": json.dumps(check)})
@@ -204,8 +224,9 @@ _MAX_STORES = 4
 
 
 def embedding_store(backbone: SentenceTransformer, disk: bool = True) -> EmbeddingStore:
-    """The store of this exact backbone (weights and pipeline); kept in memory for the last few backbones."""
-    key = (backbone_key(backbone), disk)
+    """The store of this exact backbone (weights and pipeline) in the precision in force; kept in memory for the
+    last few backbones."""
+    key = (f"{backbone_key(backbone)}-{precision(backbone.device)}", disk)
     if key not in _STORES:
         _STORES[key] = EmbeddingStore(key[0], backbone.get_embedding_dimension(), disk)
         while len(_STORES) > _MAX_STORES:
@@ -333,7 +354,10 @@ class PrefixStates:
         total, width = int(source.lengths.sum()), bb.hidden_size(source.model.backbone)
         self.nbytes = total * width * 2
         if self.nbytes > memory_left:
-            self.file = cache_dir("prefix") / f"states-{os.getpid()}-{uuid.uuid4().hex}.bin"
+            folder = cache_dir("prefix")
+            clean_spilled(folder)
+            # named after this process: clean_stale removes it once the process is gone (killed or not)
+            self.file = folder / f".states.{writer_tag()}.{uuid.uuid4().hex}.tmp"
         states = self._build(source, total, width, torch.float16, progress, batch_size)
         if states is None:  # fp16 would have turned some values into inf
             states = self._build(source, total, width, torch.bfloat16, False, batch_size)
@@ -378,6 +402,18 @@ class PrefixStates:
         self.release()
 
 
+_OLD_SPILL = re.compile(r"^states-(?P<pid>\d+)-[0-9a-f]+\.bin$")  # how versions before 2026-12 named them
+
+
+def clean_spilled(folder: Path) -> None:
+    """Remove the spilled prefix states of processes that are gone (a killed run leaves gigabytes behind)."""
+    clean_stale(folder)
+    for path in folder.glob("states-*.bin"):
+        match = _OLD_SPILL.match(path.name)
+        if match and not process_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+
+
 def prefix_memory_cap() -> int:
     """Bytes of prefix states kept in memory: `$MTL_UTILS_PREFIX_MEMORY_GB`, else a quarter of the machine's memory."""
     if os.environ.get(PREFIX_MEMORY_ENV):
@@ -406,7 +442,8 @@ class CachedPrefix(FullForward):
         self.boundary = frozen_layers if boundary is None else min(boundary, frozen_layers)
         stages = bb.stages(model.backbone)[: self.boundary + 1]
         weights = [(n, t) for _, modules in stages for m in modules for n, t in m.state_dict().items()]
-        key = f"{fingerprint(weights, bb.architecture(model.backbone))}-{self.boundary}-{texts_key(list(texts))}"
+        key = (f"{fingerprint(weights, bb.architecture(model.backbone))}-{precision(model.device)}-{self.boundary}-"
+               f"{texts_key(list(texts))}")
         if key not in _PREFIXES:
             cap = prefix_memory_cap() if memory_cap is None else memory_cap
             in_memory = sum(p.nbytes for p in _PREFIXES.values() if p.file is None)

@@ -121,6 +121,11 @@ class MultiTaskModel(nn.Module):
         self.backbone_name = backbone_name or getattr(backbone, "mtl_name", None) or "custom"
         if not isinstance(tasks, Mapping):
             raise TypeError(f"tasks must map each task name to its label names, got {type(tasks).__name__}")
+        for task, labels in tasks.items():
+            if isinstance(labels, str) or not isinstance(labels, Sequence) \
+                    or not all(isinstance(n, str) for n in labels):
+                raise TypeError(f"task {task!r}: label names must be a list of str, got {labels!r}"
+                                + (f" (a str is not a list: [{labels!r}]?)" if isinstance(labels, str) else ""))
         self.label_names = {check_task_name(task): tuple(labels) for task, labels in tasks.items()}
         for task, labels in self.label_names.items():
             if len(labels) < 2 or len(set(labels)) != len(labels):
@@ -199,7 +204,11 @@ class MultiTaskModel(nn.Module):
     def predict(self, texts: Sequence[str], batch_size: int = 64, tasks: Sequence[str] | None = None) -> pd.DataFrame:
         """Run the backbone once and answer every task (or `tasks`): a label and per-label probabilities per text."""
         texts = check_texts(texts)
+        if isinstance(tasks, str):
+            raise TypeError(f"tasks must be a list of task names, got the str {tasks!r}; use tasks=[{tasks!r}]")
         tasks = self.tasks if tasks is None else list(tasks)
+        if not tasks:
+            raise ValueError(f"tasks=[] asks for no task; name some of {', '.join(self.tasks)}, or pass None for all")
         for task in tasks:
             self.head(task)  # an unknown task is a clear error before any work
         return probability_table(texts, self.predict_embeddings(self.embed(texts, batch_size), tasks), self.label_names)

@@ -143,7 +143,7 @@ def test_parse_args_defaults_and_errors(capsys):
     assert config.max_grad_norm is None and not config.use_cache and config.layer_lr_decay == 0.95
     assert config.sampling == "temperature" and not config.progress
     for argv, message in ((["--unfreeze-embeddings"], "--unfreeze-last"), (["--freeze", "all"], "invalid choice"),
-                          (["--epochs", "0"], "epochs must be an integer of at least 1"),
+                          (["--epochs", "0"], "argument --epochs: must be an integer of at least 1, got '0'"),
                           (["--head-lr", "nan"], "head_lr must be a finite number"),
                           (["--temperature", "0"], "temperature must be a finite number above 0")):
         with pytest.raises(SystemExit) as stop:
@@ -201,7 +201,7 @@ def test_single_process_run_writes_checkpoint_history_and_metrics(workdir, one_p
     assert (best.epoch == saved["best_epoch"]).all()
     for task in ("topic", "mood"):  # the best epoch's weights were kept: its validation scores are the final ones
         assert saved["val"][task]["accuracy"] == pytest.approx(best.loc[task, "val_accuracy"])
-        assert set(saved["test"][task]) == {"accuracy", "f1_macro", "loss"}
+        assert set(saved["test"][task]) == {"accuracy", "accuracy_95", "f1_macro", "loss"}
 
     # the checkpoint loads onto the backbone and scores the test set as the run reported
     model = load_checkpoint("run/checkpoint", backbone=SentenceTransformer(str(workdir / "backbone"), device="cpu"))
@@ -221,6 +221,22 @@ def test_command_line_errors_are_one_line(workdir, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit, match="fp16 needs a GPU"):
         main(cli_args(workdir, "run", "--mixed-precision", "fp16"))
     assert not Path("run").exists()
+
+
+def test_mixed_precision_bf16_trains_like_fp32(workdir, one_process, tmp_path, monkeypatch):
+    """--mixed-precision bf16 (Accelerate's wrapper and the loop's autocast per step) follows the fp32 run."""
+    one_folder, fp32, _ = one_process("last layer")
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process has one precision: start a new one
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        bf16 = main(cli_args(workdir, "bf16", *WHAT_TRAINS["last layer"], "--mixed-precision", "bf16"))
+    assert bf16["mixed_precision"] == "bf16" and bf16["config"]["train"]["mixed_precision"] == "bf16"
+    history = {name: pd.read_csv(folder / "history.csv").set_index(["epoch", "task"])
+               for name, folder in (("fp32", one_folder / "run"), ("bf16", tmp_path / "bf16"))}
+    assert (history["fp32"].val_loss.loc[0] - history["fp32"].val_loss.loc[2]).min() > 0.01  # fp32 learns
+    assert (history["bf16"].val_loss - history["fp32"].val_loss).abs().max() < 0.01
+    for task in ("topic", "mood"):  # the saved model, read in fp32, scores what the fp32 run's does
+        assert bf16["test"][task]["loss"] == pytest.approx(fp32["test"][task]["loss"], abs=0.01)
 
 
 @pytest.mark.parametrize("what_trains", list(WHAT_TRAINS))
@@ -357,7 +373,7 @@ def test_csv_problems_are_caught_as_the_library_catches_them(workdir, tmp_path):
     clean = pd.read_csv(workdir / "mood.csv")
     blank = clean.copy()
     blank.loc[[4, 9], "label"] = ["", "   "]  # an empty cell is read as "" (keep_default_na=False): not a class
-    with pytest.raises(ValueError, match=r"missing label \(None, NaN or blank\) in 2 rows \(index 4, 9\)"):
+    with pytest.raises(ValueError, match=r"--task mood: .*blank.csv: missing label \(None, NaN or blank\) in 2 rows \(CSV row 6, 11\)"):
         load_tasks([f"mood={write_csv(tmp_path / 'blank.csv', blank.to_dict('records'))}"])
     path = workdir / "mood.csv"
     for spec, message in ((f"my.task={path}", "contains '.'"), (f"={path}", "non-empty str"),
@@ -386,7 +402,7 @@ def test_a_split_column_gives_your_own_test_set(workdir, tmp_path):
     assert (len(task.train), len(task.val), len(task.test)) == (108, 12, 30)  # val: 10% of the 120 train rows
     assert set(task.val["text"]) <= set(frame.loc[frame["split"] == "train", "text"])
     frame.loc[3, "split"] = "dev"
-    with pytest.raises(ValueError, match=r"split values 'dev' in 1 row \(index 3\).*accepts train, val, test"):
+    with pytest.raises(ValueError, match=r"bad.csv: split values 'dev' in 1 row \(CSV row 5\).*accepts train, val, test"):
         load_tasks([f"topic={write_csv(tmp_path / 'bad.csv', frame.to_dict('records'))}"])
 
 

@@ -46,9 +46,15 @@ def cache_root() -> Path:
 
 
 def cache_dir(*parts: str) -> Path:
-    """Return (and create) a folder in the cache; `$MTL_UTILS_CACHE` overrides `~/.cache/mtl_utils`."""
+    """Return (and create, 0755 whatever the umask) a folder in the cache; `$MTL_UTILS_CACHE` overrides
+    `~/.cache/mtl_utils`."""
     path = cache_root().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        missing = [p for p in [path, *path.parents] if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        for folder in missing:
+            with contextlib.suppress(OSError):  # made meanwhile by another user: theirs to set
+                folder.chmod(DIR_MODE)
     return path
 
 
@@ -79,7 +85,7 @@ def writer_tag() -> str:
     return f"{_host()}-{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (a zombie counts as running until it is reaped)."""
     if os.name == "nt":
         return True  # os.kill would end the process there; never clean on Windows
@@ -126,7 +132,7 @@ def clean_stale(folder: str | os.PathLike) -> list[str]:
     for entry in entries:
         match = _TAGGED.match(entry.name)
         if match:
-            if match["host"] == _host() and not _alive(int(match["pid"])):
+            if match["host"] == _host() and not process_alive(int(match["pid"])):
                 key = (match["name"], f"{match['host']}-{match['pid']}")
                 dead.setdefault(key, {}).setdefault(match["kind"], []).append(Path(entry.path))
         elif _LEGACY.match(entry.name):
