@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BOOK_STAMP := $(VENV)/.book-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 export MTL_UTILS_CACHE ?= $(CURDIR)/.cache
@@ -19,7 +20,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # no progress bars in executed notebooks (saved outputs) or under test: `make lab` keeps them
 run test rerun-mpnet: export TQDM_DISABLE := 1
 
-.PHONY: venv run test unit lab bench bench-scaling bench-notebooks rerun-mpnet clean
+.PHONY: venv run test unit lab book bench bench-scaling bench-notebooks rerun-mpnet clean
 
 venv: $(STAMP)
 
@@ -29,6 +30,11 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-assets.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# the book's tools (Sphinx, myst-nb, the book theme), pinned apart: installed on first use by `make book` / `make test`
+$(BOOK_STAMP): $(STAMP) requirements-book.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-book.txt
+	touch $(BOOK_STAMP)
 
 run: $(STAMP)
 	@for nb in $(NOTEBOOKS); do \
@@ -42,12 +48,16 @@ run: $(STAMP)
 
 # two workers: the unit tests and notebooks 01-07 (each notebook whole on one worker: --dist loadscope), then
 # notebook 08, which reads the others' result tables
-test: $(STAMP)
+test: $(STAMP) $(BOOK_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadscope tests $(filter-out %08_which_freezing.ipynb,$(NOTEBOOKS)) \
 		--nbval-lax --nbval-current-env --durations=12
 	$(PY) -m pytest -q $(filter %08_which_freezing.ipynb,$(NOTEBOOKS)) --nbval-lax --nbval-current-env
 
-unit: $(STAMP)
+# the series as a static HTML book from the committed, executed notebooks (nothing runs): _build/book/index.html
+book: $(BOOK_STAMP)
+	$(PY) book/make_book.py _build/book
+
+unit: $(STAMP) $(BOOK_STAMP)
 	$(PY) -m pytest -q tests
 
 lab: $(STAMP)
@@ -76,5 +86,5 @@ rerun-mpnet: $(STAMP)
 		notebooks/07_staged_unfreezing.ipynb reruns/07_staged_unfreezing_mpnet.ipynb $(MPNET_PARAMETERS)
 
 clean:
-	rm -rf $(VENV) .cache results .pytest_cache
+	rm -rf $(VENV) .cache results .pytest_cache _build
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
