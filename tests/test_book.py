@@ -93,3 +93,27 @@ def test_every_notebook_has_its_page_and_the_landing_page_lists_them_in_order(bo
     assert (book / "search.html").is_file() and (book / "searchindex.js").is_file()
     chapter = (book / "notebooks" / "04_freeze_backbone.html").read_text(encoding="utf-8")
     assert 'rel="prev"' in chapter and 'rel="next"' in chapter  # previous / next links
+
+
+def test_cells_tagged_hide_input_are_folded(tmp_path):
+    """With the book's own configuration, a cell tagged hide-input shows its output and folds its code."""
+    import nbformat
+    from sphinx.cmd.build import build_main
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "index.md").write_text("# A book\n\n```{toctree}\nchapter\n```\n", encoding="utf-8")
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# A chapter"),
+        nbformat.v4.new_code_cell("print('shown code')", outputs=[
+            nbformat.v4.new_output("stream", name="stdout", text="the visible result\n")]),
+        nbformat.v4.new_code_cell("print('folded code')", metadata={"tags": ["hide-input"]}, outputs=[
+            nbformat.v4.new_output("stream", name="stdout", text="the generated line\n")]),
+    ])
+    nbformat.write(notebook, source / "chapter.ipynb")
+    assert build_main(["-b", "html", "-q", "-c", str(ROOT / "book"), str(source), str(tmp_path / "html")]) == 0
+    page = (tmp_path / "html" / "chapter.html").read_text(encoding="utf-8")
+    assert "the visible result" in page and "the generated line" in page
+    details = page.split("<details")
+    assert len(details) == 2 and "folded code" in details[1] and "shown code" not in details[1]
+    assert "shown code" in details[0]
