@@ -2,7 +2,8 @@
 
     python -m mtl_utils.cli train --task trec --task movies --freeze backbone --output runs/heads
 
-The first process writes `checkpoint/`, `history.csv` and `metrics.json` into `--output`. Only argparse and the
+The first process writes the run, `checkpoint/`, `history.csv` and `metrics.json`, as one unit: into a temporary
+folder beside `--output`, swapped in at the end, while it holds a lock on `--output`. Only argparse and the
 torch-free recipes are imported up front, so `--help` answers at once; the library loads when a command runs.
 """
 
