@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import os
 from pathlib import Path
 
@@ -80,8 +82,29 @@ def readme_table(csv: Path | None = None) -> str:
     columns = ["way of training", "notebook", "trainable parameters", "one-off s", "s per epoch", "sentences/s",
                "change on A (points)", "change on B (points)", "against", "risk to the other task", "when"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |" for _, row in table.iterrows()]
+    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |"
+              for _, row in table.apply(label_undone, axis=1).iterrows()]
     return "\n".join(lines)
+
+
+UNDONE = "undone: kept the start"
+_NO_CHANGE = re.compile(r"^\+0\.0 \[-(?P<low>[0-9.]+), \+(?P<high>[0-9.]+)\]$")
+
+
+def label_undone(row: pd.Series) -> pd.Series:
+    """A trained run that the selection rule undid is the start model, bit for bit: +0.0 on both tasks with no
+    sentence answered differently (an interval symmetric about 0) and no prediction of the other task changed.
+    Such a row says so instead of showing its +0.0 and its costs as a result."""
+    changes = [_NO_CHANGE.match(str(row[c])) for c in ("change on A (points)", "change on B (points)")]
+    trained = str(row["trainable parameters"]) not in ("0", "–")
+    moved = re.search(r"[1-9][0-9.]*% of", str(row["risk to the other task"]))
+    if not (trained and all(m and m["low"] == m["high"] for m in changes) and not moved):
+        return row
+    row = row.copy()
+    row["way of training"] = f"{row['way of training']} ({UNDONE})"
+    for column in ("change on A (points)", "change on B (points)", "s per epoch", "one-off s"):
+        row[column] = UNDONE if column.startswith("change") else "–"
+    return row
 
 
 def splice_readme(readme: Path, block: str) -> bool:

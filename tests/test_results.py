@@ -36,3 +36,23 @@ def test_readme_table_is_spliced_between_markers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         splice_readme(readme, block)
+
+
+def test_a_run_the_rule_undid_is_labelled_undone_not_shown_as_a_result():
+    import pandas as pd
+
+    from mtl_utils.results import UNDONE, label_undone
+
+    def row(trainable, a, b, risk="0.0% of Task A's validation predictions changed"):
+        return pd.Series({"way of training": "run", "trainable parameters": trainable, "one-off s": "9.0",
+                          "s per epoch": "13.0", "change on A (points)": a, "change on B (points)": b,
+                          "risk to the other task": risk})
+
+    undone = label_undone(row("3,549,698", "+0.0 [-0.6, +0.6]", "+0.0 [-0.2, +0.2]"))
+    assert undone["change on A (points)"] == undone["change on B (points)"] == UNDONE
+    assert undone["way of training"] == f"run ({UNDONE})" and undone["s per epoch"] == "–"
+    for kept in (row("3,549,698", "+0.0 [-1.2, +1.4]", "+0.0 [-0.2, +0.2]"),  # some answers changed either way
+                 row("3,549,698", "+0.0 [-0.6, +0.6]", "+0.0 [-0.2, +0.2]", "15.8% of Task A's ... changed"),
+                 row("0", "+0.0 [-0.6, +0.6]", "+0.0 [-0.2, +0.2]"),  # nothing trains: nothing to undo
+                 row("770", "+0.8 [-0.3, +2.0]", "+0.9 [-0.7, +2.6]")):
+        assert label_undone(kept).equals(kept)
