@@ -2,7 +2,7 @@
 task, each in fp32 and in bf16 (`TrainConfig(mixed_precision="bf16")`: the loop enters autocast once per step),
 three seeds each, fp32 and bf16 interleaved so that their speed is compared in one run:
 
-- heads only: fresh heads on the frozen all-MiniLM-L6-v2 (heads_config, 20 epochs over cached embeddings);
+- heads only: fresh heads on the frozen all-MiniLM-L6-v2 (TrainConfig defaults, 20 epochs over cached embeddings);
 - last 2 layers: from notebook 02's benchmark, the top 2 layers and the heads (finetune_config, 2 epochs).
 
 Every model is evaluated in fp32 on the full test sets, and each bf16 model is compared with the fp32 model of the
@@ -20,9 +20,9 @@ import statistics
 import pandas as pd
 
 from mtl_utils import freezing
-from mtl_utils.checkpoint import load_checkpoint
 from mtl_utils.evaluation import correct, paired_comparison
-from mtl_utils.recipes import finetune_config, heads_config
+from mtl_utils.model import MultiTaskModel
+from mtl_utils.recipes import TrainConfig, finetune_config
 from mtl_utils.results import save_table
 from mtl_utils.series import build_model, checkpoint_folder, multitask_checkpoint, series_tasks
 from mtl_utils.training import train
@@ -38,9 +38,9 @@ def recipes(tasks):
     """Each recipe: a model for a seed (what trains set), and its TrainConfig for a seed and a precision."""
     return {
         "heads only": (lambda seed: freezing.freeze_backbone(build_model(tasks=tasks, seed=seed)),
-                       lambda seed, precision: heads_config(seed=seed, mixed_precision=precision, progress=False)),
+                       lambda seed, precision: TrainConfig(seed=seed, mixed_precision=precision, progress=False)),
         "last 2 layers": (lambda seed: freezing.unfreeze_last(freezing.freeze_backbone(
-                              load_checkpoint(checkpoint_folder())), 2),
+                              MultiTaskModel.load(checkpoint_folder())), 2),
                           lambda seed, precision: finetune_config(seed=seed, mixed_precision=precision,
                                                                   progress=False)),
     }

@@ -56,7 +56,7 @@ def run_case(backbone: str, mode: str, n: int) -> dict:
     """In this process: build what the mode needs, then time one epoch of training."""
     from mtl_utils import freezing
     from mtl_utils.features import sentence_source
-    from mtl_utils.recipes import finetune_config, heads_config
+    from mtl_utils.recipes import TrainConfig, finetune_config
     from mtl_utils.series import build_model
     from mtl_utils.training import train
 
@@ -71,7 +71,7 @@ def run_case(backbone: str, mode: str, n: int) -> dict:
     build = time.perf_counter() - start
     store = sum(getattr(getattr(src, "states", None), "nbytes", 0) for src in sources)
     del sources
-    recipe = heads_config if mode == "embedding cache" else finetune_config
+    recipe = TrainConfig if mode == "embedding cache" else finetune_config
     history = train(model, tasks, recipe(epochs=1, evaluate_first=False, progress=False, use_cache=use_cache))
     return {"build s": build, "epoch s": float(history["seconds"].iloc[0]), "prefix store MB": store / 1e6}
 

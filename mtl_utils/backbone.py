@@ -7,6 +7,8 @@ else (freezing, the caches, LoRA, CKA) asks these functions.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import urllib.error
@@ -332,3 +334,69 @@ def check_layer_running(st: SentenceTransformer, features: Mapping[str, torch.Te
         raise RuntimeError(f"running {architecture(st)!r} layers one range at a time no longer reproduces the whole "
                            f"backbone (largest difference {gap:.2e}): this transformers version calls its layers "
                            "differently; train with use_cache=False until mtl_utils.backbone.run_layers is updated")
+
+
+# --- what trains ---------------------------------------------------------------------------------------------
+
+def nothing_trains(st: SentenceTransformer) -> bool:
+    """True if no backbone parameter trains (so its sentence embeddings never change)."""
+    return not any(p.requires_grad for p in st.parameters())
+
+
+def stage_trains(modules: list[nn.Module]) -> bool | None:
+    """True if every parameter of a stage trains, False if none does, None if some do."""
+    flags = {p.requires_grad for m in modules for p in m.parameters()}
+    return flags.pop() if len(flags) == 1 else (None if flags else False)
+
+
+def frozen_depth(st: SentenceTransformer) -> int:
+    """How many bottom stages are entirely frozen: 0 = the embeddings train, 1 + j = embeddings and j layers frozen."""
+    depth = 0
+    for _, modules in stages(st):
+        if stage_trains(modules) is not False:
+            break
+        depth += 1
+    return depth
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------------
+
+def tokenizer_of(st: SentenceTransformer):
+    """The backbone's tokenizer (a Hugging Face tokenizer): for saving it beside an exported graph."""
+    return st.tokenizer
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """A tokenizer saved with `tokenizer_of(st).save_pretrained(folder)`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def pad_id(st: SentenceTransformer) -> int:
+    """The token id the tokenizer pads with."""
+    return st.tokenizer.pad_token_id or 0
+
+
+def token_ids(st: SentenceTransformer, texts: list[str], special: bool = True) -> list[list[int]]:
+    """Every text's token ids, uncut (with or without the special tokens around each text)."""
+    return st.tokenizer(texts, add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
+
+
+def special_tokens(st: SentenceTransformer) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after one text (BERT: [CLS] and [SEP])."""
+    plain, full = token_ids(st, ["a"], special=False)[0], token_ids(st, ["a"])[0]
+    start = next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)
+    return full[:start], full[start + len(plain):]
+
+
+def pad_token_ids(st: SentenceTransformer, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Token id lists right-padded into the features the backbone takes (input_ids, attention_mask, ...)."""
+    return dict(st.tokenizer.pad({"input_ids": ids}, return_tensors="pt"))
+
+
+def tokenizer_settings(st: SentenceTransformer) -> tuple:
+    """What of the tokenizer decides the tokens: its type, a digest of its vocabulary, lower-casing."""
+    tok = st.tokenizer
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    return type(tok).__name__, vocab, getattr(tok, "do_lower_case", None)

@@ -18,14 +18,13 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .recipes import (CLASS_WEIGHTS, DEFAULT_BACKBONE, FREEZE_SCENARIOS, HEAD_KINDS, METRICS, SAMPLINGS, SCHEDULES,
-                      SELECTIONS, TASKS, TrainConfig, finetune_config)
+from .recipes import (CLASS_WEIGHTS, DATASETS, DEFAULT_BACKBONE, FREEZE_SCENARIOS, HEAD_KINDS, METRICS, SAMPLINGS,
+                      SCHEDULES, SELECTIONS, TASKS, TrainConfig, finetune_config)
 
 PROG = "python -m mtl_utils.cli"
-BUILT_IN = ("trec", "movies", "amazon", "nyt", "tweets")  # mtl_utils.data.DATASETS (a test keeps them equal)
 RUN_FILES = ("checkpoint", "history.csv", "metrics.json")  # what a run writes into --output
 RUN_ENTRIES = {*RUN_FILES, ".complete.json"}  # and the checksums of them all (offline.cache.COMPLETE_MARKER)
 RECIPE_FIELDS = ("epochs", "head_lr", "backbone_lr", "layer_lr_decay")  # where finetune_config differs from heads
@@ -79,7 +78,7 @@ def add_export_parser(commands) -> argparse.ArgumentParser:
                     "for onnxruntime: tokenised input -> backbone -> pooling -> every head's logits, checked\n"
                     "against PyTorch before the folder appears (mtl_utils.export).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint folder (save_checkpoint, or train's OUTPUT/checkpoint)")
+    parser.add_argument("checkpoint", help="a checkpoint folder (MultiTaskModel.save, or train's OUTPUT/checkpoint)")
     parser.add_argument("out", help="the export folder to write (an existing export folder is replaced; any other "
                                     "existing folder is refused)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 graph")
@@ -113,7 +112,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
         description="Train a multi-task model (one shared sentence-transformer backbone, one head per task)\n"
                     "and write its checkpoint, its history and its metrics. Runs as is in one process, or\n"
                     "under `accelerate launch` / `torchrun` in several: --batch-size is then the global batch.\n"
-                    "Defaults are mtl_utils.recipes': heads_config() when only heads train; finetune_config()\n"
+                    "Defaults are mtl_utils.recipes': TrainConfig() when only heads train; finetune_config()\n"
                     "(fewer epochs, smaller rates) when backbone layers train (--unfreeze-last K with K > 0,\n"
                     "--unfreeze-embeddings or --freeze nothing). An option given always wins.")
     data = parser.add_argument_group("model and data")
@@ -121,7 +120,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                       help="a known backbone name (see mtl_utils.backbone.BACKBONES), a hub id, or a local "
                            f"SentenceTransformer folder (default: {DEFAULT_BACKBONE}, or the one of --from)")
     data.add_argument("--task", action="append", dest="tasks", metavar="TASK",
-                      help=f"a task, repeatable: a built-in dataset ({', '.join(BUILT_IN)}) or NAME=path.csv with "
+                      help=f"a task, repeatable: a built-in dataset ({', '.join(DATASETS)}) or NAME=path.csv with "
                            "columns text,label and optionally split (train/val/test; see below); "
                            f"default: {' and '.join(TASKS)}")
     data.add_argument("--split-seed", type=non_negative, metavar="N",
@@ -241,7 +240,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the command line asks for: the recipe for what trains, with the options given."""
     recipe = finetune_config() if layers_train(args) else TrainConfig()
     given = {name: getattr(args, name) for name in RECIPE_FIELDS if getattr(args, name) is not None}
-    return recipe.but(
+    return replace(
+        recipe,
         **given, batch_size=args.batch_size, weight_decay=args.weight_decay, warmup=args.warmup,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm or None, sampling=args.sampling,
         temperature=args.temperature, metric=args.metric, select_on=args.select_on, selection=args.selection,
@@ -271,11 +271,11 @@ def from_tasks(from_dir: str, names: list[str]) -> tuple[list[str], int | None]:
         saved = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
         specs, split_seed = saved["task_specs"], saved["split_seed"]
     except (OSError, ValueError, KeyError, TypeError):
-        if all(name in BUILT_IN for name in names):
+        if all(name in DATASETS for name in names):
             return list(names), None
         raise ValueError(f"--from {from_dir} does not say where its tasks' data came from (no metrics.json with "
                          "task_specs: a checkpoint folder, or a run of an older version); give them again: "
-                         + " ".join(f"--task {n}=PATH.csv" if n not in BUILT_IN else f"--task {n}" for n in names)) \
+                         + " ".join(f"--task {n}=PATH.csv" if n not in DATASETS else f"--task {n}" for n in names)) \
             from None
     gone = [spec for spec in specs if "=" in spec and not Path(spec.partition("=")[2]).is_file()]
     if gone:
@@ -288,8 +288,8 @@ def task_name(spec: str) -> str:
     """The name of a --task: the dataset's, or NAME of NAME=path.csv (checked: it must be able to name a head)."""
     name, is_file, path = spec.partition("=")
     if not is_file:
-        if spec not in BUILT_IN:
-            raise ValueError(f"unknown task {spec!r}: use a built-in dataset ({', '.join(BUILT_IN)}) "
+        if spec not in DATASETS:
+            raise ValueError(f"unknown task {spec!r}: use a built-in dataset ({', '.join(DATASETS)}) "
                              "or NAME=path.csv with columns text,label")
         return spec
     from .data import check_task_name
@@ -326,13 +326,9 @@ def read_csv(path: str):
 
 def load_tasks(specs: list[str], split_seed: int = 0, duplicates: str | None = None):
     """Each spec is a built-in dataset name, or NAME=path.csv with columns text,label (and optionally split)."""
-    import pandas as pd
+    from .data import check_task_names, load_task, task_from_dataframe
 
-    from .data import load_task, task_from_dataframe
-
-    names = [task_name(spec) for spec in specs]  # every name checked before any file is read
-    if len(set(names)) != len(names):
-        raise ValueError(f"task names must differ, got {names}")
+    names = check_task_names([task_name(spec) for spec in specs])  # every name checked before any file is read
     tasks = []
     for name, spec in zip(names, specs):
         path = spec.partition("=")[2]
@@ -472,11 +468,10 @@ def output_lock(folder: Path) -> Iterator[None]:
 def write_run(folder: Path, model, history, metrics: dict) -> None:
     """The run's checkpoint, history and metrics into a temporary folder beside `folder`, which then replaces
     `folder` in one step: a kill or a full disk at any moment leaves the old run whole, or no folder."""
-    from .checkpoint import save_checkpoint
     from .offline.cache import atomic_dir
 
     with atomic_dir(folder) as tmp:
-        save_checkpoint(model, tmp / "checkpoint")
+        model.save(tmp / "checkpoint")
         history.to_csv(tmp / "history.csv", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
 
@@ -530,9 +525,10 @@ def _print_data_warnings(original):
 def run_train(args: argparse.Namespace) -> dict | None:
     """Train as the command line says; returns the metrics (None on every process but the first)."""
     from .backbone import BackboneUnavailableError
-    from .checkpoint import load_into, read_config
+    from .checkpoint import read_config
     from .series import build_model
-    from .training import DivergedError, make_accelerator
+    from .distributed import make_accelerator
+    from .training import DivergedError
 
     start = time.perf_counter()
     try:
@@ -572,7 +568,7 @@ def run_train(args: argparse.Namespace) -> dict | None:
                 tasks = load_tasks(args.tasks, args.split_seed, args.duplicates)
                 model = build_model(args.backbone, tasks, head=args.head, seed=args.seed, device=accelerator.device)
             if benchmark is not None:
-                load_into(model, benchmark)
+                model.load_weights(benchmark)
             apply_freezing(model, args)
             metrics = _train_and_report(model, tasks, config, accelerator, args, benchmark, start)
         except (DivergedError, ValueError, OSError, BackboneUnavailableError) as error:
@@ -590,6 +586,7 @@ def _train_and_report(model, tasks, config: TrainConfig, accelerator, args: argp
     import torch
 
     from . import freezing
+    from .distributed import Processes
     from .evaluation import select
     from .training import train
 
@@ -601,7 +598,7 @@ def _train_and_report(model, tasks, config: TrainConfig, accelerator, args: argp
                   "trained_parameters": trained_parameters(model), "tuned_backbone": set(model.tuned_backbone),
                   "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
 
-    history = train(model, tasks, config, accelerator)
+    history = train(model, tasks, config, Processes(accelerator))
     if not main:
         return None
 

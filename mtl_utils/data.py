@@ -14,20 +14,13 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from .offline.assets import asset_path
+from .recipes import DATASETS
 
 SPLITS = ("train", "val", "test")
 TREC_LABELS = ("DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC")  # label-coarse 0..5, in this order
 SENTIMENT_LABELS = ("negative", "positive")
 TREC_TRAIN_ROWS = 5452  # rows 0..5451 of trec.csv are the official train set, the rest the 500-question test set
 
-_HUTTO = "label = sign of the mean human rating (Hutto & Gilbert 2014), rows rated exactly 0 dropped; stratified 80/10/10"
-DATASETS: dict[str, str] = {
-    "trec": "Task A: TREC-6 coarse question type (Li & Roth 2002); official train/test, val = stratified 10% of train",
-    "movies": f"Task B: Rotten Tomatoes movie-review sentences, {_HUTTO}",
-    "amazon": f"Amazon product-review snippets (domain shift for Task B), {_HUTTO}",
-    "nyt": f"New York Times editorial snippets (domain shift for Task B), {_HUTTO}",
-    "tweets": f"Tweets (domain shift for Task B), {_HUTTO}",
-}
 _RAW_ROWS = {"trec": 5952, "movies": 10605, "amazon": 3708, "nyt": 5190, "tweets": 4200}
 _MAX_ROWS_SHOWN = 10
 DUPLICATES = ("drop", "keep")  # what task_from_dataframe does with rows that repeat another row's text and label
@@ -52,6 +45,16 @@ def check_task_name(name: object) -> str:
         raise ValueError(f"task name {name!r} is taken by PyTorch (nn.ModuleDict.{name}) and cannot name a head; "
                          f"use another name, e.g. {name + '_task'!r}")
     return name
+
+
+def check_task_names(names: Sequence[object]) -> list[str]:
+    """Task names that can each name a head, no two alike (one head per task)."""
+    names = [check_task_name(n) for n in names]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"two tasks are named {', '.join(map(repr, twice))}: each task needs a name of its own "
+                         f"(got {names})")
+    return names
 
 
 def check_texts(texts: Sequence[str]) -> list[str]:
@@ -179,7 +182,7 @@ def task_from_dataframe(
                                                          if isinstance(frame, list) else ""))
     inferred = label_names is None
     if label_names is not None:
-        label_names = _check_label_names(label_names)
+        label_names = check_label_names(label_names)
     data, label_names = _clean(df, label_names, source)
     if test is not None:
         if "split" in df.columns:
@@ -360,13 +363,16 @@ def _encode_labels(labels: pd.Series, label_names: tuple[str, ...] | None, what:
     return labels.astype("int64"), label_names
 
 
-def _check_label_names(label_names: Sequence[str]) -> tuple[str, ...]:
+def check_label_names(label_names: Sequence[str], task: str = "") -> tuple[str, ...]:
     """label_names as a tuple of at least two distinct str."""
-    if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names):
-        raise ValueError(f"label_names must be a sequence of str, got {label_names!r}")
+    what = f"task {task!r}: label names" if task else "label_names"
+    if isinstance(label_names, str) or not isinstance(label_names, Sequence) \
+            or not all(isinstance(n, str) for n in label_names):
+        raise TypeError(f"{what} must be a list of str, got {label_names!r}"
+                        + (f" (a str is not a list: [{label_names!r}]?)" if isinstance(label_names, str) else ""))
     names = tuple(label_names)
     if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"label_names must hold at least two distinct names, got {names}")
+        raise ValueError(f"{what} must hold at least two distinct names, got {names}")
     return names
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import backbone as bb
 from .data import check_texts
 from .model import MultiTaskModel, eval_mode, map_batches, probability_table
 from .offline.cache import atomic_dir, atomic_path, is_complete
@@ -280,14 +281,12 @@ class OnnxModel:
     @classmethod
     def load(cls, folder: str | os.PathLike, quantized: bool = True, threads: int | None = None) -> OnnxModel:
         """The int8 (or, with quantized=False, the fp32) graph of an export folder, with its saved tokenizer."""
-        from transformers import AutoTokenizer
-
         config = read_export(folder)
         name = INT8 if quantized else FP32
         if name not in config["files"]:
             raise FileNotFoundError(f"{Path(folder).name!r} holds no {name} (exported with quantize=False?); "
                                     f"it has {', '.join(f for f in config['files'] if f.endswith('.onnx'))}")
-        return cls(Path(folder) / name, AutoTokenizer.from_pretrained(str(Path(folder) / TOKENIZER)), threads)
+        return cls(Path(folder) / name, bb.load_tokenizer(Path(folder) / TOKENIZER), threads)
 
     @property
     def tasks(self) -> list[str]:
@@ -334,7 +333,7 @@ class OnnxModel:
 
 def onnx_model(model: MultiTaskModel, path: str | os.PathLike, threads: int | None = None) -> OnnxModel:
     """Serve a graph exported from `model` with `model`'s own tokenizer (no export folder needed)."""
-    return OnnxModel(path, model.backbone.tokenizer, threads)
+    return OnnxModel(path, bb.tokenizer_of(model.backbone), threads)
 
 
 # --- export folders -----------------------------------------------------------------------------------------
@@ -387,10 +386,8 @@ def export_model(model: MultiTaskModel, out_folder: str | os.PathLike, quantize:
                               "existing export folder is replaced)")
     with atomic_dir(out) as tmp:
         export_onnx(model, tmp / FP32, opset)
-        model.backbone.tokenizer.save_pretrained(str(tmp / TOKENIZER))
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tmp / TOKENIZER))
+        bb.tokenizer_of(model.backbone).save_pretrained(str(tmp / TOKENIZER))
+        tokenizer = bb.load_tokenizer(tmp / TOKENIZER)
         _check_tokenizer(model, tokenizer)
         gaps = {"fp32": largest_difference(model, OnnxModel(tmp / FP32, tokenizer))}
         if max(gaps["fp32"].values()) > FP32_ATOL:
@@ -421,9 +418,7 @@ def export_checkpoint(checkpoint_folder: str | os.PathLike, out_folder: str | os
                       opset: int = DEFAULT_OPSET) -> dict:
     """Load a checkpoint (mtl_utils.checkpoint) and write its export folder; returns export.json's content plus
     "folder". This is `python -m mtl_utils.cli export CHECKPOINT OUT`."""
-    from .checkpoint import load_checkpoint
-
     from .freezing import freeze_all
 
-    model = freeze_all(load_checkpoint(checkpoint_folder))  # frozen: a snapshot for serving
+    model = freeze_all(MultiTaskModel.load(checkpoint_folder))  # frozen: a snapshot for serving
     return export_model(model.eval(), out_folder, quantize, opset, source=Path(checkpoint_folder).name)

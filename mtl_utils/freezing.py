@@ -7,7 +7,7 @@ keeps them there), so no caller has to remember it. `trainable_parameters` is wh
 
     freeze_all(model)            # inference: nothing trains
     freeze_backbone(model)       # the heads train on fixed sentence embeddings
-    unfreeze_last(model, 2)      # ... and the top 2 transformer layers too (adds to what trains)
+    unfreeze_last(model, 2)      # exactly the top 2 transformer layers of the backbone train (like fastai's freeze_to)
     freeze_head(model, "trec")   # ... but head A stays as it is
     unfreeze_all(model)          # everything trains
 """
@@ -50,16 +50,18 @@ def unfreeze_all(model: MultiTaskModel) -> MultiTaskModel:
 
 
 def unfreeze_last(model: MultiTaskModel, k: int, embeddings: bool = False) -> MultiTaskModel:
-    """Let the top `k` transformer layers train too (and the embeddings with `embeddings=True`).
+    """Exactly the top `k` transformer layers of the backbone train (and the embeddings with `embeddings=True`);
+    every other backbone layer is frozen, the heads stay as they are.
 
-    It adds to what trains and freezes nothing: `freeze_backbone` then `unfreeze_last(model, 2)` trains the
-    heads and the top two layers; a later `unfreeze_last(model, 3)` adds the third layer from the top.
+    It sets the boundary, like fastai's `freeze_to`: `unfreeze_last(model, 3)` then `unfreeze_last(model, 2)`
+    trains two layers, not three.
     """
     total = num_layers(model)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
         raise ValueError(f"k must be an integer from 0 to {total} (the backbone {model.backbone_name!r} has {total} "
                          f"transformer layers); got {k!r}")
     stages = bb.stages(model.backbone)
+    _set(model, [model.backbone], False)
     chosen = [m for _, modules in stages[len(stages) - k:] for m in modules] if k else []
     if embeddings:
         chosen += stages[0][1]
@@ -99,25 +101,9 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
 
 
-def _trains(modules: list[nn.Module]) -> bool | None:
-    """True if every parameter trains, False if none does, None if some do."""
-    flags = {p.requires_grad for m in modules for p in m.parameters()}
-    return flags.pop() if len(flags) == 1 else (None if flags else False)
-
-
-def frozen_prefix_depth(model: MultiTaskModel) -> int:
-    """How many bottom stages are entirely frozen: 0 = the embeddings train, 1 + j = embeddings and j layers frozen."""
-    depth = 0
-    for _, modules in bb.stages(model.backbone):
-        if _trains(modules) is not False:
-            break
-        depth += 1
-    return depth
-
-
 def backbone_frozen(model: MultiTaskModel) -> bool:
     """True if no backbone parameter trains (so its sentence embeddings never change)."""
-    return not any(p.requires_grad for p in model.backbone.parameters())
+    return bb.nothing_trains(model.backbone)
 
 
 def trainable_summary(model: MultiTaskModel) -> pd.DataFrame:
@@ -131,7 +117,7 @@ def trainable_summary(model: MultiTaskModel) -> pd.DataFrame:
             "part": part,
             "parameters": sum(p.numel() for p in params),
             "trainable parameters": sum(p.numel() for p in params if p.requires_grad),
-            "trains": {True: "yes", False: "no", None: "partly"}[_trains(modules)],
+            "trains": {True: "yes", False: "no", None: "partly"}[bb.stage_trains(modules)],
         })
     # parameters in no stage (the unused pooler) still count in the totals
     total = sum(p.numel() for p in model.parameters())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from . import backbone as bb
 from .data import DataWarning, check_texts
 from .model import map_batches
 
@@ -30,25 +31,23 @@ from .model import map_batches
 _SPECIAL_SLACK = 8
 
 
-def _tokenizer(backbone: SentenceTransformer):
-    return backbone.tokenizer
-
-
 def token_counts(backbone: SentenceTransformer, texts: Sequence[str]) -> np.ndarray:
     """Tokens of each text with the special tokens, uncut (texts too short to be cut are not tokenised)."""
-    texts = check_texts(texts)
     limit = backbone.max_seq_length
     counts = np.zeros(len(texts), dtype=np.int64)
     maybe = [i for i, t in enumerate(texts) if len(t.encode("utf-8")) + _SPECIAL_SLACK > limit]
     if maybe:
-        ids = _tokenizer(backbone)([texts[i] for i in maybe], add_special_tokens=True, truncation=False,
-                                   verbose=False)["input_ids"]
+        ids = bb.token_ids(backbone, [texts[i] for i in maybe])
         counts[maybe] = [len(x) for x in ids]
     return counts
 
 
 def truncation(backbone: SentenceTransformer, texts: Sequence[str]) -> dict[str, float]:
     """How many texts the backbone cuts at its maximum length, and how many tokens it drops."""
+    return _report(backbone, check_texts(texts))
+
+
+def _report(backbone: SentenceTransformer, texts: list[str]) -> dict[str, float]:
     counts = token_counts(backbone, texts)
     limit = backbone.max_seq_length
     cut = counts > limit
@@ -59,8 +58,9 @@ def truncation(backbone: SentenceTransformer, texts: Sequence[str]) -> dict[str,
 
 
 def warn_if_truncated(backbone: SentenceTransformer, texts: Sequence[str], what: str) -> dict[str, float]:
-    """Warn (DataWarning) when some of `texts` are longer than the backbone reads; returns `truncation`."""
-    report = truncation(backbone, texts)
+    """Warn (DataWarning) when some of `texts` (a Task's, already checked) are longer than the backbone reads;
+    returns `truncation`."""
+    report = _report(backbone, list(texts))
     if report["cut"]:
         warnings.warn(
             f"{what}: {report['cut']} of {report['texts']} texts ({100 * report['share_cut']:.1f}%) are longer than "
@@ -95,19 +95,18 @@ def encode(backbone: SentenceTransformer, texts: Sequence[str], overlap: float =
     texts = check_texts(texts)
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap is a fraction of a window, from 0 up to (not including) 1; got {overlap}")
-    tokenizer = _tokenizer(backbone)
-    before, after = special_tokens(tokenizer)
+    before, after = bb.special_tokens(backbone)
     size = backbone.max_seq_length - len(before) - len(after)
     stride = max(1, int(round(size * (1 - overlap))))
     owner, chunks = [], []
-    for i, ids in enumerate(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]):
+    for i, ids in enumerate(bb.token_ids(backbone, texts, special=False)):
         for chunk in windows(ids, size, stride):
             owner.append(i)
             chunks.append(before + chunk + after)
     device = next(backbone.parameters()).device
 
     def embed(idx: np.ndarray) -> torch.Tensor:
-        features = tokenizer.pad({"input_ids": [chunks[j] for j in idx]}, return_tensors="pt")
+        features = bb.pad_token_ids(backbone, [chunks[j] for j in idx])
         features = {k: v.to(device) for k, v in features.items()}
         return backbone(features)["sentence_embedding"].float()
 
@@ -119,14 +118,6 @@ def encode(backbone: SentenceTransformer, texts: Sequence[str], overlap: float =
     if _normalises(backbone):
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
     return pooled
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The special token ids the tokenizer puts before and after one text (BERT: [CLS] and [SEP])."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    start = next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)
-    return full[:start], full[start + len(plain):]
 
 
 def _normalises(backbone: SentenceTransformer) -> bool:

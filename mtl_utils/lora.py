@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import warnings
+from typing import TYPE_CHECKING
 
+from sentence_transformers import SentenceTransformer
 from torch import nn
 
 from . import backbone as bb
-from .model import MultiTaskModel
+
+if TYPE_CHECKING:
+    from .model import MultiTaskModel
 
 # attention projections LoRA adapts by default (query and value, as in the LoRA paper), per architecture
 TARGET_MODULES = {"bert": ("query", "value"), "mpnet": ("q", "v")}
@@ -57,6 +60,8 @@ def add_lora(model: MultiTaskModel, r: int = 8, alpha: int = 16, dropout: float 
     where = {} if top_layers is None else {"layers_to_transform": list(range(total - top_layers, total)),
                                            "layers_pattern": "layer"}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", **where)
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": sorted(targets),
+                  "top_layers": top_layers}  # what a checkpoint stores: loading calls add_lora with exactly these
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about the model type are not the reader's business
         inject_adapter_in_model(config, auto)
@@ -71,52 +76,26 @@ def lora_parameters(model: MultiTaskModel) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.backbone.named_parameters() if "lora_" in name}
 
 
-def _adapted_linears(model: MultiTaskModel) -> dict[str, nn.Module]:
-    """The backbone transformer's Linear layers that carry LoRA adapters, by name inside the transformer."""
-    return {name: m for name, m in bb.transformer(model.backbone).named_modules()
-            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
+def plain_name(name: str) -> str:
+    """A backbone weight's name as it is without adapters (peft renames an adapted `q.weight` to
+    `q.base_layer.weight`)."""
+    return name.replace(".base_layer.", ".")
 
 
-def _would_adapt(model: MultiTaskModel, targets: list[str], top_layers: int | None) -> set[str]:
-    """The Linear layers add_lora(target_modules=targets, top_layers=top_layers) puts adapters in."""
-    total = len(bb.layers(model.backbone))
-    found = set()
-    for name, m in bb.transformer(model.backbone).named_modules():
-        layer = re.search(r"(?:^|\.)layer\.(\d+)\.", name)
-        if ".base_layer" in name or name.rsplit(".", 1)[-1] not in targets:
+def backbone_weights(backbone: SentenceTransformer) -> dict[str, nn.Parameter]:
+    """The backbone's own parameters, adapters left out, by the names they have without adapters."""
+    return {plain_name(n): p for n, p in backbone.named_parameters() if "lora_" not in n}
+
+
+def check_settings(model: MultiTaskModel) -> None:
+    """Raise unless every adapter is as `add_lora` made it with `model.lora` (no rank, alpha or scaling changed
+    by hand since): a checkpoint stores those settings, and loading makes the adapters again from them."""
+    for name, module in bb.transformer(model.backbone).named_modules():
+        if not isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
             continue
-        if isinstance(m, nn.Linear) or "lora_A" in dict(m.named_children()):
-            if top_layers is None or (layer and int(layer[1]) >= total - top_layers):
-                found.add(name)
-    return found
-
-
-def lora_settings(model: MultiTaskModel) -> dict | None:
-    """The adapters' settings as add_lora takes them (r, alpha, dropout, target_modules, top_layers), read from
-    the adapted layers themselves; None without adapters. Raises if add_lora could not make them again."""
-    adapted = _adapted_linears(model)
-    if not adapted:
-        return None
-    seen = set()
-    for name, m in adapted.items():
-        if list(m.lora_A) != ["default"]:
-            raise ValueError(f"{name} has adapters {list(m.lora_A)}; add_lora makes one adapter named 'default'")
-        dropout = m.lora_dropout["default"]
-        r, alpha = m.r["default"], m.lora_alpha["default"]
-        if m.use_dora.get("default") or abs(m.scaling["default"] - alpha / r) > 1e-12:
-            raise ValueError(f"{name}'s adapter is not plain LoRA with scaling alpha / r (DoRA, rsLoRA or a changed "
-                             "scaling); add_lora cannot make it again")
-        seen.add((r, alpha, float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0))
-    if len(seen) != 1:
-        raise ValueError(f"the adapters differ in rank, alpha or dropout ({sorted(seen)}); add_lora makes them "
-                         "all alike")
-    (r, alpha, dropout), = seen
-    targets = sorted({name.rsplit(".", 1)[-1] for name in adapted})
-    total = len(bb.layers(model.backbone))
-    layers = {int(found[1]) for name in adapted if (found := re.search(r"(?:^|\.)layer\.(\d+)\.", name))}
-    top_layers = None if not layers or min(layers) == 0 else total - min(layers)
-    settings = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets, "top_layers": top_layers}
-    if _would_adapt(model, targets, top_layers) != set(adapted):
-        raise ValueError(f"the adapted layers ({', '.join(sorted(adapted))}) are not the ones add_lora(**{settings}) "
-                         "makes; they cannot be described by add_lora's settings")
-    return settings
+        settings = model.lora or {}
+        r, alpha = module.r.get("default"), module.lora_alpha.get("default")
+        if list(module.lora_A) != ["default"] or (r, alpha) != (settings.get("r"), settings.get("alpha")) \
+                or abs(module.scaling["default"] - alpha / r) > 1e-12 or module.use_dora.get("default"):
+            raise ValueError(f"{name}'s adapter (r={r}, alpha={alpha}) is not what add_lora made with {settings}; "
+                             "add_lora cannot make it again, so it cannot be saved")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import backbone as bb
-from .data import check_task_name, check_texts
+from . import checkpoint
+from .data import check_label_names, check_task_name, check_texts
+from .lora import backbone_weights, plain_name
 from .recipes import HEAD_KINDS
 
 Output = torch.Tensor | Sequence[torch.Tensor]
@@ -39,6 +42,11 @@ def eval_mode(module: nn.Module | None) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def to_device(features: Mapping, device: torch.device) -> dict:
+    """Tokenised features with every tensor on `device`."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
 
 
 def progress_bar(iterable=None, total: int | None = None, desc: str = "", enabled: bool = True) -> tqdm:
@@ -121,15 +129,7 @@ class MultiTaskModel(nn.Module):
         self.backbone_name = backbone_name or getattr(backbone, "mtl_name", None) or "custom"
         if not isinstance(tasks, Mapping):
             raise TypeError(f"tasks must map each task name to its label names, got {type(tasks).__name__}")
-        for task, labels in tasks.items():
-            if isinstance(labels, str) or not isinstance(labels, Sequence) \
-                    or not all(isinstance(n, str) for n in labels):
-                raise TypeError(f"task {task!r}: label names must be a list of str, got {labels!r}"
-                                + (f" (a str is not a list: [{labels!r}]?)" if isinstance(labels, str) else ""))
-        self.label_names = {check_task_name(task): tuple(labels) for task, labels in tasks.items()}
-        for task, labels in self.label_names.items():
-            if len(labels) < 2 or len(set(labels)) != len(labels):
-                raise ValueError(f"task {task!r} needs at least two distinct label names, got {labels}")
+        self.label_names = {check_task_name(task): check_label_names(labels, task) for task, labels in tasks.items()}
         self.head_config = {"kind": head, "hidden": hidden, "dropout": dropout, "seed": seed}
         self.embedding_dim = backbone.get_embedding_dimension()
         with torch.random.fork_rng(devices=[]):
@@ -138,8 +138,11 @@ class MultiTaskModel(nn.Module):
                 task: make_head(self.embedding_dim, len(labels), head, hidden, dropout)
                 for task, labels in self.label_names.items()
             })
-        # names of backbone parameters that have been trained: a checkpoint saves exactly these
+        # names of backbone parameters that have been trained; a checkpoint saves these and any other weight
+        # changed since now (PyTorch counts every in-place change of a tensor in its version counter)
         self.tuned_backbone: set[str] = set()
+        self.lora: dict | None = None  # the settings add_lora was given
+        self.count_as_built()
 
     @property
     def tasks(self) -> list[str]:
@@ -170,14 +173,13 @@ class MultiTaskModel(nn.Module):
                         m.eval()
             for m in bb.unused_modules(self.backbone):
                 m.eval()
-            if not any(p.requires_grad for p in self.backbone.parameters()):
+            if bb.nothing_trains(self.backbone):
                 self.backbone.eval()
         return self
 
     def features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise texts (padded to the longest) on the model's device."""
-        features = self.backbone.preprocess(check_texts(texts))
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        return to_device(self.backbone.preprocess(check_texts(texts)), self.device)
 
     def sentence_embeddings(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Run the backbone (tokens -> token embeddings -> pooling [-> normalise])."""
@@ -212,6 +214,38 @@ class MultiTaskModel(nn.Module):
         for task in tasks:
             self.head(task)  # an unknown task is a clear error before any work
         return probability_table(texts, self.predict_embeddings(self.embed(texts, batch_size), tasks), self.label_names)
+
+    def count_as_built(self) -> None:
+        """Count the backbone's weights as they are now as the ones it was built with (after a copy of equal values)."""
+        self._built = {id(p): p._version for p in self.backbone.parameters()}
+
+    def changed_backbone(self) -> set[str]:
+        """Backbone weights (named as without adapters) that trained or changed in any way since the model was built."""
+        tuned = {plain_name(n) for n in self.tuned_backbone}
+        return {n for n, p in backbone_weights(self.backbone).items()
+                if n in tuned or self._built.get(id(p)) != p._version}
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the model to `folder` (missing, empty, or a checkpoint, replaced in one step): the heads, the
+        backbone weights that changed, LoRA adapters with their settings, and the configuration."""
+        return checkpoint.write(self, folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, backbone: SentenceTransformer | None = None,
+             device: str | torch.device = "cpu") -> MultiTaskModel:
+        """A model saved with `save`, on its backbone loaded by name (or on `backbone`), in eval mode."""
+        config, tensors = checkpoint.read(folder)
+        if backbone is None:
+            backbone = bb.load_backbone(config["backbone"], device=device)
+        head = config["head"]
+        model = cls(backbone, config["tasks"], head=head["kind"], hidden=head["hidden"], dropout=head["dropout"],
+                    seed=head["seed"], backbone_name=config["backbone"]).to(device)
+        return checkpoint.apply(model, config, tensors).eval()
+
+    def load_weights(self, folder: str | os.PathLike) -> MultiTaskModel:
+        """Load a checkpoint saved from a model like this one (same backbone, tasks and heads); refuse anything
+        else. A LoRA checkpoint adds its adapters, with its own settings, to a model that has none."""
+        return checkpoint.apply(self, *checkpoint.read(folder))
 
     def extra_repr(self) -> str:
         return f"backbone={self.backbone_name!r}, tasks={self.label_names}"

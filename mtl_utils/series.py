@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 
 from . import freezing
 from .backbone import load_backbone
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import Task, load_task
+from .data import Task, check_task_names, load_task
 from .evaluation import evaluate
 from .model import MultiTaskModel
-from .features import backbone_key, texts_key
+from .embedding_store import backbone_key, texts_key
 from .offline.cache import atomic_write_text, cache_dir, fingerprint
-from .recipes import DEFAULT_BACKBONE, TASKS, TrainConfig, heads_config
+from .recipes import DEFAULT_BACKBONE, TASKS, TrainConfig
 from .training import train
 
 
@@ -30,9 +29,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, tasks: list[Task] | None = Non
                 seed: int = 0, device: str = "cpu") -> MultiTaskModel:
     """A MultiTaskModel with a fresh head per task on a pre-trained backbone."""
     tasks = tasks or series_tasks()
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"task names must differ (one head per task), got {names}")
+    check_task_names([t.name for t in tasks])
     return MultiTaskModel(load_backbone(backbone, device=device), {t.name: t.label_names for t in tasks},
                           head=head, seed=seed, backbone_name=backbone).to(device)
 
@@ -46,7 +43,7 @@ def train_multitask_heads(backbone: str = DEFAULT_BACKBONE, tasks: list[Task] | 
     """Notebook 02's recipe: both heads trained jointly on the frozen backbone; returns (model, history)."""
     tasks = tasks or series_tasks()
     model = freezing.freeze_backbone(build_model(backbone, tasks))
-    history = train(model, tasks, heads_config(progress=progress))
+    history = train(model, tasks, TrainConfig(progress=progress))
     return model, history
 
 
@@ -54,11 +51,11 @@ def multitask_checkpoint(backbone: str = DEFAULT_BACKBONE, progress: bool = True
     """The trained multi-task model of notebook 02: loaded if saved, else trained (cheaply) and saved first."""
     folder = checkpoint_folder(backbone)
     try:
-        return load_checkpoint(folder)
+        return MultiTaskModel.load(folder)
     except ValueError:  # missing or incomplete: make it
         model, _ = train_multitask_heads(backbone, progress=progress)
-        save_checkpoint(model, folder)
-        return load_checkpoint(folder)
+        model.save(folder)
+        return MultiTaskModel.load(folder)
 
 
 def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task], config: TrainConfig,
@@ -73,7 +70,7 @@ def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task]
     rows = []
     for seed in seeds:
         model = make_model(seed)
-        config_seed = config.but(seed=seed, progress=False)
+        config_seed = replace(config, seed=seed, progress=False)
         key = fingerprint(((n, t) for n, t in model.state_dict().items() if not n.startswith("backbone.")),
                           backbone_key(model.backbone), model.head_config,
                           [n for n, p in model.named_parameters() if p.requires_grad],

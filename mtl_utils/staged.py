@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pandas as pd
 
@@ -23,7 +24,7 @@ def gradual_unfreezing(model: MultiTaskModel, tasks: Sequence[Task], config: Tra
     histories, kept = [], []
     for stage in range(1, stages + 1):
         freezing.unfreeze_last(model, stage)
-        history = train(model, tasks, config.but(epochs=1))
+        history = train(model, tasks, replace(config, epochs=1))
         if history.attrs["best_epoch"] > 0:
             kept.append(stage)
         histories.append(history.assign(stage=stage, epoch=history.epoch + stage - 1))

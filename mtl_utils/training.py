@@ -1,8 +1,8 @@
 """The multi-task training loop, in plain PyTorch: one task per batch, AdamW, warm-up then decay, best epoch kept.
 
-In one process (a notebook) `train` is a textbook loop. Under `accelerate launch` or `torchrun` the same loop
-runs in every process: Accelerate's prepared data loader gives each process its slice of every global batch
-(`split_batches`), and DDP averages the gradients, so N processes take the steps one process takes.
+`train` reads top to bottom: the batches of an epoch, forward, loss, backward, step, schedule, validate, keep
+the best. What several processes need (`accelerate launch`, `torchrun`) comes in through a few hooks that do
+nothing in one process (`OneProcess`); `mtl_utils.distributed` fills them in.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import broadcast_object_list
-from torch.utils.data import DataLoader, Sampler
+from torch import nn
 
 from . import backbone as bb
 from . import long_text
-from .data import Task
+from .data import Task, check_task_names
 from .evaluation import fallen_tasks, predict_proba, scores
 from .features import sentence_source
 from .model import MultiTaskModel, progress_bar
@@ -67,38 +65,29 @@ def task_schedule(sizes: Mapping[str, int], steps: int, sampling: str, temperatu
     return list(rng.choice(names, size=steps, p=weights / weights.sum()))
 
 
-class TaskBatches(Sampler):
-    """The global batches of training, each from one task, in a plan drawn from `seed`: every process draws
-    the same plan, and Accelerate gives each its slice of every batch."""
+class BatchPlan:
+    """Every epoch's batches, each from one task, in a plan drawn from `config.seed`: (task, indices) pairs.
+
+    Each task has an endless stream of shuffled epochs of its own; an epoch of training takes as many batches
+    as all tasks' examples fill, and the schedule says which task each one comes from.
+    """
 
     def __init__(self, lengths: Mapping[str, np.ndarray], config: TrainConfig) -> None:
-        self.batch_size, self.drop_last = config.batch_size, False  # what Accelerate reads
         self.config = config
         self.sizes = {name: len(values) for name, values in lengths.items()}
         self.steps = sum(math.ceil(size / config.batch_size) for size in self.sizes.values())
-        self.offsets = dict(zip(self.sizes, np.cumsum([0, *self.sizes.values()])))
         self.rng = np.random.default_rng(config.seed)
         self.streams = {name: self._stream(np.asarray(values)) for name, values in lengths.items()}
 
     def _stream(self, lengths: np.ndarray) -> Iterator[np.ndarray]:
         while True:  # a new shuffled epoch of this task whenever the last one runs out
-            yield from batches(lengths, self.batch_size, self.rng, self.config.group_by_length)
+            yield from batches(lengths, self.config.batch_size, self.rng, self.config.group_by_length)
 
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[list[int]]:
+    def epoch(self) -> Iterator[tuple[str, np.ndarray]]:
+        """One epoch of (task name, indices into that task's training rows)."""
         plan = task_schedule(self.sizes, self.steps, self.config.sampling, self.config.temperature, self.rng)
         for name in plan:
-            yield (self.offsets[name] + next(self.streams[name])).tolist()
-
-
-def task_loader(lengths: Mapping[str, np.ndarray], config: TrainConfig) -> DataLoader:
-    """A DataLoader of (task, indices) batches: the examples are (task, index) pairs, batched by `TaskBatches`."""
-    examples = [(name, i) for name, values in lengths.items() for i in range(len(values))]
-    # a generator of its own: iterating must not draw from torch's global RNG (the dropout masks)
-    return DataLoader(examples, batch_sampler=TaskBatches(lengths, config), generator=torch.Generator().manual_seed(0),
-                      collate_fn=lambda items: (items[0][0], np.array([i for _, i in items])))
+            yield str(name), next(self.streams[name])
 
 
 # --- what the optimizer sees --------------------------------------------------------------------------------
@@ -135,22 +124,6 @@ def lr_lambda(total_steps: int, warmup: float, schedule: str):
     return factor
 
 
-def make_accelerator(mixed_precision: str | None = None, cpu: bool = False) -> Accelerator:
-    """An Accelerator for `train`: each process gets a slice of every global batch, and DDP is told that each
-    step uses one head, so the others get no gradient."""
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu,
-                       dataloader_config=DataLoaderConfiguration(split_batches=True),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-
-
-def _check_accelerator(accelerator: Accelerator) -> Accelerator:
-    if accelerator.num_processes > 1 and not (accelerator.split_batches and getattr(
-            accelerator.ddp_handler, "find_unused_parameters", False)):
-        raise ValueError("several processes need split batches and DDP's find_unused_parameters (each step uses one "
-                         "task's head): create the accelerator with mtl_utils.training.make_accelerator()")
-    return accelerator
-
-
 def refuse_enclosing_autocast(device: torch.device) -> None:
     """Raise when `train` is called inside a `torch.autocast` block: the block would freeze what the model sees.
 
@@ -167,24 +140,6 @@ def refuse_enclosing_autocast(device: torch.device) -> None:
                 "TrainConfig(mixed_precision='bf16') (or --mixed-precision bf16 on the command line)")
 
 
-def _check_precision(accelerator: Accelerator, config: TrainConfig) -> Accelerator:
-    """The loop autocasts each step as the config says; an accelerator may only agree (fp16 needs its scaler)."""
-    if accelerator.mixed_precision not in ("no", config.mixed_precision):
-        raise ValueError(f"the accelerator trains in mixed precision {accelerator.mixed_precision!r} but the config "
-                         f"asks for {config.mixed_precision!r}: make both say the same")
-    if config.mixed_precision == "fp16" and accelerator.mixed_precision != "fp16":
-        raise ValueError("mixed_precision='fp16' needs a GPU and the accelerator's gradient scaler: pass "
-                         "accelerator=make_accelerator('fp16'), or use 'bf16'")
-    return accelerator
-
-
-def step_autocast(config: TrainConfig, device: torch.device):
-    """A new autocast block for one step's forward (none in fp32): the block's weight copies die with the step."""
-    if config.mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16)
-
-
 def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task]) -> dict[str, Task]:
     """Tasks by name, each with a head that knows its labels."""
     values = list(tasks.values()) if isinstance(tasks, Mapping) else tasks
@@ -193,11 +148,7 @@ def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task
         raise TypeError(f"tasks must be a non-empty list of Task (or a dict of them by name), got {tasks!r:.80}; "
                         "data.load_task or data.task_from_dataframe makes a Task")
     if not isinstance(tasks, Mapping):
-        names = [t.name for t in tasks]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ValueError(f"two tasks are named {', '.join(map(repr, twice))}: each task needs a name of its own "
-                             f"(got {names})")
+        check_task_names([t.name for t in tasks])
     tasks = dict(tasks) if isinstance(tasks, Mapping) else {t.name: t for t in tasks}
     for name, task in tasks.items():
         if name not in model.heads:
@@ -214,7 +165,7 @@ def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task
     return tasks
 
 
-# --- the loop -----------------------------------------------------------------------------------------------
+# --- checks before a run, scores after each epoch --------------------------------------------------------
 
 def epoch_score(rows: Sequence[Mapping], config: TrainConfig, select_on: Sequence[str],
                 start_accuracy: Mapping[str, float], val_sizes: Mapping[str, int]) -> float:
@@ -228,7 +179,7 @@ def epoch_score(rows: Sequence[Mapping], config: TrainConfig, select_on: Sequenc
     return score
 
 
-def class_weights(task: Task, kind: str | None) -> torch.Tensor | None:
+def class_weights(task: Task, kind: str | None, device: torch.device | str = "cpu") -> torch.Tensor | None:
     """Loss weights of a task's classes from its training labels (sklearn's "balanced"); None for no weights.
 
     A class absent from the training rows gets weight 1 (it never occurs in the loss anyway).
@@ -241,7 +192,7 @@ def class_weights(task: Task, kind: str | None) -> torch.Tensor | None:
     present = np.unique(labels)
     weights = np.ones(task.num_labels)
     weights[present] = compute_class_weight(kind, classes=present, y=labels)
-    return torch.tensor(weights, dtype=torch.float32)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def warn_long_texts(model: MultiTaskModel, tasks: Mapping[str, Task]) -> None:
@@ -253,107 +204,182 @@ def warn_long_texts(model: MultiTaskModel, tasks: Mapping[str, Task]) -> None:
                                         f"task {name!r} {split}")
 
 
-def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], config: TrainConfig | None = None,
-          accelerator: Accelerator | None = None) -> pd.DataFrame:
-    """Train `model` on `tasks`; returns the history (a row per epoch and task); the best epoch's weights are
-    restored at the end (epoch 0, the start, if no epoch beat it on validation).
 
-    The model trains on its own device; under `accelerate launch` or `torchrun`, put it on `accelerator.device`.
-    """
-    config = config or TrainConfig()
+
+def check_run(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], config: TrainConfig,
+              processes: OneProcess) -> tuple[dict[str, Task], list[str]]:
+    """Every reason the run cannot start, before any work: the tasks by name and the ones that get batches."""
     refuse_enclosing_autocast(model.device)
-    accelerator = _check_precision(_check_accelerator(accelerator or make_accelerator()), config)
+    processes.check(config)
     tasks = check_tasks(model, tasks)
     names = list(config.train_tasks or tasks)
-    select_on = list(config.select_on or names)
-    for name in {*names, *select_on} - set(tasks):
+    for name in {*names, *(config.select_on or ())} - set(tasks):
         raise ValueError(f"task {name!r} is not among the tasks given: {', '.join(tasks)}")
     largest = max(len(tasks[n].train) for n in names)
     if config.batch_size > largest:
         raise ValueError(f"batch_size {config.batch_size} is larger than every task's training set (the largest has "
                          f"{largest} rows): each row would repeat about {config.batch_size // largest} times in one "
                          f"step; use a batch_size of at most {largest}")
+    if processes.is_main:
+        warn_long_texts(model, tasks)
+    return tasks, names
+
+
+# --- one process ------------------------------------------------------------------------------------------
+
+class OneProcess:
+    """`train` in this process alone: the hooks several processes need (mtl_utils.distributed) do nothing here."""
+
+    is_main = True
+
+    def check(self, config: TrainConfig) -> None:
+        if config.mixed_precision == "fp16":
+            raise ValueError("mixed_precision='fp16' needs a GPU and the accelerator's gradient scaler: pass "
+                             "processes=distributed.Processes(make_accelerator('fp16')), or use 'bf16'")
+
+    def first(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def share(self, idx: np.ndarray) -> np.ndarray:
+        return idx
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return model, optimizer
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # the dropout masks
+
+    def mean(self, loss: torch.Tensor) -> float:
+        return loss.item()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip(self, parameters: list[nn.Parameter], max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def agree(self, score: float) -> float:
+        return score
+
+    def unwrap(self, model: nn.Module) -> None:
+        pass
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+
+def step_autocast(config: TrainConfig, device: torch.device):
+    """A new autocast block for one step's forward (none in fp32): the block's weight copies die with the step."""
+    if config.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16)
+
+
+def sources(model: MultiTaskModel, tasks: Mapping[str, Task], names: Sequence[str], config: TrainConfig,
+            processes: OneProcess) -> tuple[dict, dict]:
+    """The sentence-embedding sources of the training and validation texts (the first process builds the caches)."""
+    progress = config.progress and processes.is_main
+    with processes.first():
+        train = {n: sentence_source(model, tasks[n].train["text"].tolist(), config.use_cache, progress,
+                                    config.prefix_layers) for n in names}
+        val = {n: sentence_source(model, t.val["text"].tolist(), config.use_cache, progress, config.prefix_layers)
+               for n, t in tasks.items()}
+    return train, val
+
+
+class Validation:
+    """Scores every task on validation after each epoch; the rows become `train`'s history."""
+
+    def __init__(self, model: MultiTaskModel, tasks: Mapping[str, Task], val_src: Mapping, config: TrainConfig,
+                 processes: OneProcess) -> None:
+        self.model, self.tasks, self.val_src, self.config, self.processes = model, tasks, val_src, config, processes
+        self.rows: list[dict] = []
+        self.start: dict[str, float] = {}  # epoch 0's accuracy per task
+
+    def __call__(self, epoch: int, losses: Mapping[str, list[float]], seconds: float) -> float:
+        """Validate after `epoch`; the selection score (every process gets the first one's)."""
+        config = self.config
+        for name, task in self.tasks.items():
+            s = scores(task.val["label"].to_numpy(), predict_proba(self.model, name, self.val_src[name],
+                                                                   config.eval_batch_size))
+            self.rows.append({"epoch": epoch, "task": name, "train_loss": float(np.mean(losses[name])) if losses.get(
+                name) else float("nan"), "val_loss": s["loss"], "val_accuracy": s["accuracy"],
+                "val_f1_macro": s["f1_macro"], "seconds": seconds})
+        rows = self.rows[-len(self.tasks):]
+        if epoch == 0:
+            self.start = {r["task"]: r["val_accuracy"] for r in rows}
+        select_on = list(config.select_on or config.train_tasks or self.tasks)
+        score = epoch_score(rows, config, select_on, self.start, {n: len(t.val) for n, t in self.tasks.items()})
+        return self.processes.agree(score)
+
+    def history(self, best_epoch: int, best_score: float) -> pd.DataFrame:
+        table = pd.DataFrame(self.rows)
+        table["best"] = table["epoch"] == best_epoch
+        table.attrs.update(best_epoch=best_epoch, best_score=best_score, config=asdict(self.config))
+        return table
+
+
+def check_loss(loss: float, epoch: int, step: int, task: str) -> float:
+    """The loss, or DivergedError when it is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"the loss became {loss} at epoch {epoch}, step {step} (task {task!r}): training stopped "
+                            "and nothing was kept; lower the learning rates or check the data")
+    return loss
+
+
+def restore(parameters: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+    """Copy the kept values back into the parameters."""
+    with torch.no_grad():
+        for param, value in zip(parameters, values):
+            param.copy_(value)
+
+
+def train(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], config: TrainConfig | None = None,
+          processes: OneProcess | None = None) -> pd.DataFrame:
+    """Train `model` on `tasks`; returns the history (a row per epoch and task). The best epoch's weights are
+    restored at the end (epoch 0, the start, if no epoch beat it on validation). `processes`: several processes
+    (`distributed.Processes`); alone, leave it out."""
+    config, processes = config or TrainConfig(), processes or OneProcess()
+    tasks, names = check_run(model, tasks, config, processes)
     groups = optimizer_groups(model, config)
     trainable = [p for g in groups for p in g["params"]]
     model.tuned_backbone |= {n for n, p in model.backbone.named_parameters() if p.requires_grad}
-    progress = config.progress and accelerator.is_main_process
-    if accelerator.is_main_process:
-        warn_long_texts(model, tasks)
-
-    # the first process computes the caches (and writes the embedding cache); the others then read it from disk
-    with accelerator.main_process_first():
-        train_src = {n: sentence_source(model, tasks[n].train["text"].tolist(), config.use_cache, progress,
-                                        config.prefix_layers) for n in names}
-        val_src = {n: sentence_source(model, t.val["text"].tolist(), config.use_cache, progress, config.prefix_layers)
-                   for n, t in tasks.items()}
+    train_src, val_src = sources(model, tasks, names, config, processes)
     labels = {n: torch.tensor(tasks[n].train["label"].to_numpy()) for n in names}
-    weights = {n: class_weights(tasks[n], config.class_weights) for n in names}
-    loader = accelerator.prepare_data_loader(task_loader({n: train_src[n].lengths for n in names}, config),
-                                             device_placement=False)
+    weights = {n: class_weights(tasks[n], config.class_weights, model.device) for n in names}
+    plan = BatchPlan({n: train_src[n].lengths for n in names}, config)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)  # one kernel a step
-    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.epochs * len(loader), config.warmup, config.schedule))
-    ddp_model = accelerator.prepare_model(model, device_placement=False)  # the same model in one process
-    torch.manual_seed(config.seed + accelerator.process_index)  # dropout masks: each process, its own examples
-
-    history: list[dict] = []
-
-    val_sizes = {n: len(t.val) for n, t in tasks.items()}
-    start_accuracy: dict[str, float] = {}
-
-    def validate(epoch: int, losses: Mapping[str, list[float]], seconds: float) -> float:
-        for name, task in tasks.items():
-            s = scores(task.val["label"].to_numpy(), predict_proba(model, name, val_src[name], config.eval_batch_size))
-            history.append({"epoch": epoch, "task": name, "train_loss": float(np.mean(losses[name])) if losses.get(
-                name) else float("nan"), "val_loss": s["loss"], "val_accuracy": s["accuracy"],
-                "val_f1_macro": s["f1_macro"], "seconds": seconds})
-        rows = history[-len(tasks):]
-        if epoch == 0:
-            start_accuracy.update({r["task"]: r["val_accuracy"] for r in rows})
-        score = epoch_score(rows, config, select_on, start_accuracy, val_sizes)
-        return broadcast_object_list([score])[0]  # every process keeps the first one's best epoch
-
-    def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in trainable]
-
-    best_score, best_epoch, best_state = (validate(0, {}, 0.0) if config.evaluate_first else -math.inf), 0, snapshot()
-    stale = 0
-    bar = progress_bar(total=config.epochs * len(loader), desc="training", enabled=progress)
+    forward, optimizer = processes.wrap(model, torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.epochs * plan.steps, config.warmup,
+                                                                       config.schedule))
+    processes.seed(config.seed)
+    validate = Validation(model, tasks, val_src, config, processes)
+    best_score = validate(0, {}, 0.0) if config.evaluate_first else -math.inf
+    best_epoch, best_state, stale = 0, [p.detach().clone() for p in trainable], 0
+    bar = progress_bar(total=config.epochs * plan.steps, desc="training", enabled=config.progress and processes.is_main)
     for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
+        start, losses = time.perf_counter(), {n: [] for n in names}
         model.train()
-        losses: dict[str, list[float]] = {n: [] for n in names}
-        for step, (name, idx) in enumerate(loader, 1):
+        for step, (name, idx) in enumerate(plan.epoch(), 1):
+            idx = processes.share(idx)
             with step_autocast(config, model.device):
-                logits = ddp_model(name, train_src[name](idx))
-                weight = None if weights[name] is None else weights[name].to(logits.device)
-                loss = F.cross_entropy(logits, labels[name][torch.as_tensor(idx)].to(logits.device), weight=weight)
-            global_loss = accelerator.reduce(loss.detach(), "mean").item()  # the whole batch's, the same everywhere
-            if not math.isfinite(global_loss):
-                raise DivergedError(f"the loss became {global_loss} at epoch {epoch}, step {step} (task {name!r}): "
-                                    "training stopped and nothing was kept; lower the learning rates or check the data")
+                logits = forward(name, train_src[name](idx))
+                loss = F.cross_entropy(logits, labels[name][idx].to(logits.device), weight=weights[name])
+            losses[name].append(check_loss(processes.mean(loss.detach()), epoch, step, name))
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
+            processes.backward(loss)
             if config.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                processes.clip(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses[name].append(global_loss)
             bar.update()
         score = validate(epoch, losses, time.perf_counter() - start)
         bar.set_postfix({f"val {config.metric}": f"{score:.3f}"})
         if score > best_score:
-            best_score, best_epoch, best_state, stale = score, epoch, snapshot(), 0
+            best_score, best_epoch, best_state, stale = score, epoch, [p.detach().clone() for p in trainable], 0
         elif config.patience is not None and (stale := stale + 1) >= config.patience:
             break
     bar.close()
-    with torch.no_grad():
-        for param, value in zip(trainable, best_state):
-            param.copy_(value)
-    accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # drops any mixed-precision wrapper on forward
+    restore(trainable, best_state)
+    processes.unwrap(forward)
     model.eval()
-    table = pd.DataFrame(history)
-    table["best"] = table["epoch"] == best_epoch
-    table.attrs.update(best_epoch=best_epoch, best_score=best_score, config=asdict(config))
-    return table
+    return validate.history(best_epoch, best_score)

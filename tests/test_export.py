@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from mtl_utils import export
-from mtl_utils.checkpoint import save_checkpoint
 from mtl_utils.export import (
     FP32,
     FP32_ATOL,
@@ -200,7 +199,7 @@ def test_bad_inputs_give_clear_errors(model, graph, tmp_path):
 
 
 def test_export_folder_round_trip(model, tmp_path):
-    checkpoint = save_checkpoint(model, tmp_path / "ckpt")
+    checkpoint = model.save(tmp_path / "ckpt")
     info = export_checkpoint(checkpoint, tmp_path / "deploy")
     folder = tmp_path / "deploy"
     assert info["folder"] == str(folder) and is_complete(folder)

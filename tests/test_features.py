@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mtl_utils import backbone as bb
-from mtl_utils import features, freezing
+from mtl_utils import embedding_store, features, freezing, prefix_cache
 from mtl_utils.model import MultiTaskModel
 
 from helpers import synthetic_task
@@ -42,7 +42,7 @@ def test_packed_pads_like_a_loop_of_copies():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 9, 20)
     rows = [torch.randn(n, 3) for n in lengths]
-    packed = features.Packed(torch.cat(rows), lengths)
+    packed = prefix_cache.Packed(torch.cat(rows), lengths)
     idx = [7, 0, 19, 3, 3]
     padded, mask = packed.pad(idx, fill=-1.0)
     assert padded.shape == (5, lengths[idx].max(), 3)
@@ -51,7 +51,7 @@ def test_packed_pads_like_a_loop_of_copies():
         assert (padded[row, lengths[i]:] == -1).all()
         assert mask[row].sum() == lengths[i]
     torch.testing.assert_close(packed.row(19), rows[19], rtol=0, atol=0)
-    ids = features.Packed(torch.arange(6), np.array([2, 1, 3]))
+    ids = prefix_cache.Packed(torch.arange(6), np.array([2, 1, 3]))
     assert ids.pad([2, 1], fill=9)[0].tolist() == [[3, 4, 5], [2, 9, 9]]
 
 
@@ -97,7 +97,7 @@ def test_sentences_already_seen_are_never_encoded_again(model, tmp_path):
 
 
 def test_many_shards_are_merged_into_one(model, tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "_MAX_SHARDS", 3)
+    monkeypatch.setattr(embedding_store, "_MAX_SHARDS", 3)
     texts = [f"sentence number {i}" for i in range(6)]
     for i in range(len(texts)):
         features.cached_embeddings(model.backbone, texts[: i + 1], progress=False)
@@ -132,17 +132,17 @@ def test_a_damaged_shard_is_dropped_and_its_sentences_encoded_again(model, tmp_p
 
 
 def test_the_backbone_key_is_remembered_until_a_weight_changes(model):
-    first = features.backbone_key(model.backbone)
-    assert features.backbone_key(model.backbone) == first
+    first = embedding_store.backbone_key(model.backbone)
+    assert embedding_store.backbone_key(model.backbone) == first
     with torch.no_grad():
         bb.layers(model.backbone)[0].output.dense.bias.add_(1e-3)  # an in-place change: a new key
-    changed = features.backbone_key(model.backbone)
-    assert changed != first and changed == features._backbone_key(model.backbone)
+    changed = embedding_store.backbone_key(model.backbone)
+    assert changed != first and changed == embedding_store._backbone_key(model.backbone)
 
 
 def test_the_key_separates_pipelines_and_lists():
-    assert features.texts_key(["a\0b"]) != features.texts_key(["a", "b"])  # no separator to collide on
-    assert features.texts_key(["ab", "c"]) != features.texts_key(["a", "bc"])
+    assert embedding_store.texts_key(["a\0b"]) != embedding_store.texts_key(["a", "b"])  # no separator to collide on
+    assert embedding_store.texts_key(["ab", "c"]) != embedding_store.texts_key(["a", "bc"])
 
 
 def test_same_weights_other_pooling_is_another_key(tiny_backbone_dir):
@@ -153,7 +153,7 @@ def test_same_weights_other_pooling_is_another_key(tiny_backbone_dir):
     mean = SentenceTransformer(str(tiny_backbone_dir), device="cpu")
     cls = SentenceTransformer(modules=[mean[0], Pooling(32, "cls"), Normalize()], device="cpu")
     unnormalised = SentenceTransformer(modules=[mean[0], Pooling(32, "mean")], device="cpu")
-    keys = {features.backbone_key(m) for m in (mean, cls, unnormalised)}
+    keys = {embedding_store.backbone_key(m) for m in (mean, cls, unnormalised)}
     assert len(keys) == 3
     out = [features.cached_embeddings(m, TEXTS, progress=False) for m in (mean, cls)]
     assert not torch.allclose(out[0], out[1])

@@ -43,14 +43,15 @@ def test_freeze_by_name_is_the_same_and_refuses_unknown_names(model):
         freezing.freeze(model, "heads")
 
 
-def test_unfreeze_last_adds_the_top_layers(model):
+def test_unfreeze_last_sets_how_many_top_layers_train(model):
     freezing.unfreeze_last(freezing.freeze_backbone(model), 1)
     table = freezing.trainable_summary(model)
     assert list(table.loc[table.group == "backbone", "trains"])[:4] == ["no", "no", "no", "yes"]
-    freezing.unfreeze_last(model, 2)  # adds the next layer down; nothing is frozen by it
+    freezing.unfreeze_last(model, 3)
+    freezing.unfreeze_last(model, 2)  # sets the boundary (like fastai's freeze_to): two layers, not three
     table = freezing.trainable_summary(model)
     assert list(table.loc[table.group == "backbone", "trains"])[:4] == ["no", "no", "yes", "yes"]
-    assert freezing.frozen_prefix_depth(model) == 2  # embeddings + layer 0
+    assert bb.frozen_depth(model.backbone) == 2  # embeddings + layer 0
     total = table[table.group == "total"].iloc[0]
     assert total["parameters"] == sum(p.numel() for p in model.parameters())
     assert total["trainable parameters"] == freezing.count_trainable(model)
@@ -59,7 +60,12 @@ def test_unfreeze_last_adds_the_top_layers(model):
     assert [layer.training for layer in layers] == [False, True, True]
     assert not bb.embeddings(model.backbone).training
     freezing.unfreeze_last(model, 0, embeddings=True)
-    assert freezing.frozen_prefix_depth(model) == 0 and bb.embeddings(model.backbone).training
+    assert bb.frozen_depth(model.backbone) == 0 and bb.embeddings(model.backbone).training
+    assert trains(bb.layers(model.backbone)) == {False} and trains([model.heads]) == {True}  # heads as they were
+    freezing.unfreeze_all(model)
+    freezing.unfreeze_last(model, 1)  # from everything training: the rest of the backbone is frozen
+    assert trains(bb.layers(model.backbone)[:2]) == {False} and trains(bb.layers(model.backbone)[2:]) == {True}
+    assert not bb.embeddings(model.backbone).training or not model.training
     with pytest.raises(ValueError, match="from 0 to 3 .*has 3 transformer layers.*got 4"):
         freezing.unfreeze_last(model, 4)
 

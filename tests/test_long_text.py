@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtl_utils import backbone as bb
 from mtl_utils import long_text
 from mtl_utils.data import DataWarning
 from mtl_utils.evaluation import predict_proba
@@ -37,12 +38,13 @@ def test_truncation_counts_what_the_backbone_cuts(tiny_backbone, monkeypatch):
     assert tokens == [4, 102, 65, 64]
     seen = []
 
-    class Spy:
-        def __call__(self, batch, **kwargs):
-            seen.extend(batch)
-            return tokenizer(batch, **kwargs)
+    real = bb.token_ids
 
-    monkeypatch.setattr(long_text, "_tokenizer", lambda backbone: Spy())
+    def spy(backbone, batch, special=True):
+        seen.extend(batch)
+        return real(backbone, batch, special)
+
+    monkeypatch.setattr(bb, "token_ids", spy)
     report = long_text.truncation(tiny_backbone, texts)
     assert report == {"texts": 4, "cut": 2, "share_cut": 0.5, "max_tokens": 64, "tokens_lost": 38 + 1,
                       "share_of_their_tokens_lost": 39 / (102 + 65), "longest": 102}

@@ -9,16 +9,9 @@ from sentence_transformers import SentenceTransformer
 
 from mtl_utils import backbone as bb
 from mtl_utils import features, freezing, training
-from mtl_utils.checkpoint import (
-    CheckpointError,
-    backbone_weights,
-    load_checkpoint,
-    load_into,
-    read_config,
-    save_checkpoint,
-)
+from mtl_utils.checkpoint import CheckpointError, read_config
+from mtl_utils.lora import add_lora, backbone_weights, has_lora, lora_parameters
 from mtl_utils.model import MultiTaskModel
-from mtl_utils.lora import add_lora, has_lora, lora_parameters, lora_settings
 from mtl_utils.offline.cache import fingerprint
 from mtl_utils.recipes import TrainConfig
 
@@ -104,7 +97,7 @@ def test_lora_on_the_top_layers_leaves_the_rest_frozen_and_cacheable(model):
     add_lora(model, r=4, top_layers=1)
     adapters = lora_parameters(model)
     assert len(adapters) == 1 * 2 * 2 and all(".layer.2." in n for n in adapters)
-    assert freezing.frozen_prefix_depth(model) == 3  # embeddings and layers 0, 1: the prefix cache covers them
+    assert bb.frozen_depth(model.backbone) == 3  # embeddings and layers 0, 1: the prefix cache covers them
     source = features.sentence_source(model, TEXTS, progress=False)
     assert isinstance(source, features.CachedPrefix) and source.frozen_layers == 2
 
@@ -128,7 +121,7 @@ def test_lora_checkpoint_loads_back_exactly_with_its_settings(model, tiny_backbo
         query.base_layer.bias.add_(0.1)  # a pre-trained weight under an adapter, changed too
     model.tuned_backbone |= set(lora_parameters(model))  # as train() records them
     expected = model.predict(TEXTS)
-    folder = save_checkpoint(model, tmp_path / "lora")
+    folder = model.save(tmp_path / "lora")
     config = read_config(folder)
     assert config["lora"] == {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["query", "value"],
                               "top_layers": 2}
@@ -136,10 +129,10 @@ def test_lora_checkpoint_loads_back_exactly_with_its_settings(model, tiny_backbo
     (name,) = [n for n, p in backbone_weights(model.backbone).items() if p is query.base_layer.bias]
     assert config["tuned_backbone"] == [name] and name.endswith("layer.2.attention.self.query.bias")
 
-    fresh = load_checkpoint(folder, backbone=SentenceTransformer(str(tiny_backbone_dir), device="cpu"))
+    fresh = MultiTaskModel.load(folder, backbone=SentenceTransformer(str(tiny_backbone_dir), device="cpu"))
     pd.testing.assert_frame_equal(fresh.predict(TEXTS), expected)
     assert torch.equal(fresh.embed(TEXTS), model.embed(TEXTS))  # the same computation: bit for bit
-    assert lora_settings(fresh) == config["lora"]
+    assert fresh.lora == config["lora"]
     assert set(lora_parameters(fresh)) == set(lora_parameters(model))
     assert {id(p) for p in freezing.trainable_parameters(fresh)} >= {id(p) for p in lora_parameters(fresh).values()}
 
@@ -147,7 +140,7 @@ def test_lora_checkpoint_loads_back_exactly_with_its_settings(model, tiny_backbo
 def test_a_lora_checkpoint_refuses_adapters_of_another_rank_or_alpha(model, tasks, tiny_backbone_dir, tmp_path):
     add_lora(model, r=4, alpha=8)
     _move_adapters(model)
-    folder = save_checkpoint(model, tmp_path / "lora")
+    folder = model.save(tmp_path / "lora")
     labels = {t.name: t.label_names for t in tasks}
 
     def fresh_model():
@@ -157,14 +150,14 @@ def test_a_lora_checkpoint_refuses_adapters_of_another_rank_or_alpha(model, task
         other = add_lora(fresh_model(), r=r, alpha=alpha)
         with pytest.raises(CheckpointError, match=f"LoRA adapters .*'r': {r}, 'alpha': {alpha}.* differ from the "
                                                   f"checkpoint's .*'r': 4, 'alpha': 8"):
-            load_into(other, folder)
-    plain = load_into(fresh_model(), folder)  # a model without adapters gets the checkpoint's
-    assert lora_settings(plain)["alpha"] == 8
+            other.load_weights(folder)
+    plain = fresh_model().load_weights(folder)  # a model without adapters gets the checkpoint's
+    assert plain.lora["alpha"] == 8
     pd.testing.assert_frame_equal(plain.predict(TEXTS), model.predict(TEXTS))
 
-    save_checkpoint(fresh_model(), tmp_path / "plain")
+    fresh_model().save(tmp_path / "plain")
     with pytest.raises(CheckpointError, match="LoRA adapters .* differ from the checkpoint's \\(None\\)"):
-        load_into(add_lora(fresh_model()), tmp_path / "plain")
+        add_lora(fresh_model()).load_weights(tmp_path / "plain")
 
 
 def test_adapters_add_lora_cannot_make_again_are_not_saved(model, tmp_path):
@@ -172,13 +165,13 @@ def test_adapters_add_lora_cannot_make_again_are_not_saved(model, tmp_path):
     first = next(m for m in model.backbone.modules() if hasattr(m, "lora_alpha"))
     first.lora_alpha["default"] = 32  # one layer changed by hand: no add_lora call makes this
     first.scaling["default"] = 32 / 4
-    with pytest.raises(ValueError, match="differ in rank, alpha or dropout"):
-        save_checkpoint(model, tmp_path / "lora")
+    with pytest.raises(ValueError, match="not what add_lora made with .*cannot be saved"):
+        model.save(tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
 
 
-def test_lora_settings_describe_what_add_lora_made(model):
-    assert lora_settings(model) is None
+def test_the_model_keeps_the_settings_add_lora_was_given(model):
+    assert model.lora is None
     add_lora(model, r=2, alpha=3, dropout=0.0, target_modules=("query", "key", "value"), top_layers=3)
-    assert lora_settings(model) == {"r": 2, "alpha": 3, "dropout": 0.0, "target_modules": ["key", "query", "value"],
-                                    "top_layers": None}  # all three layers: the same as no top_layers
+    assert model.lora == {"r": 2, "alpha": 3, "dropout": 0.0, "target_modules": ["key", "query", "value"],
+                                    "top_layers": 3}  # exactly what add_lora was given

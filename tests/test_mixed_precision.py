@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtl_utils import features, freezing, training
+from mtl_utils import distributed, embedding_store, features, freezing, prefix_cache, training
 from mtl_utils.evaluation import evaluate
 from mtl_utils.model import MultiTaskModel
 from mtl_utils.recipes import TrainConfig, finetune_config
@@ -50,11 +50,11 @@ def test_train_refuses_to_run_inside_an_autocast_block(model, tasks):
 
 
 def test_the_accelerator_and_the_config_must_agree_on_the_precision(model, tasks):
-    accelerator = training.make_accelerator()
+    accelerator = distributed.make_accelerator()
     accelerator.state._mixed_precision = "bf16"  # as under `accelerate launch --mixed-precision bf16`
     try:
         with pytest.raises(ValueError, match="mixed precision 'bf16' but the config asks for 'no'"):
-            training.train(model, tasks, TrainConfig(epochs=1, progress=False), accelerator=accelerator)
+            training.train(model, tasks, TrainConfig(epochs=1, progress=False), distributed.Processes(accelerator))
     finally:
         accelerator.state._mixed_precision = "no"
     with pytest.raises(ValueError, match="fp16' needs a GPU and the accelerator's gradient scaler"):
@@ -110,7 +110,7 @@ def test_an_fp32_run_never_reads_embeddings_cached_under_bf16(model):
         reference = model.backbone.encode(texts, convert_to_tensor=True)
     assert not torch.equal(low, exact)  # the two precisions really give other numbers here
     torch.testing.assert_close(exact, reference, rtol=0, atol=1e-6)
-    stores = sorted(p.name for p in features.cache_dir("embeddings").iterdir())
+    stores = sorted(p.name for p in embedding_store.cache_dir("embeddings").iterdir())
     assert len(stores) == 2 and [s.rsplit("-", 1)[-1] for s in stores] == ["bfloat16", "fp32"]
     features.clear_memory_cache()  # from disk, too: the fp32 store holds fp32 numbers only
     torch.testing.assert_close(features.cached_embeddings(model.backbone, texts, progress=False), reference,
@@ -123,7 +123,7 @@ def test_an_fp32_run_never_reads_prefix_states_cached_under_bf16(model):
     with torch.no_grad(), bf16():
         low = features.CachedPrefix(model, texts, frozen_layers=2, progress=False)
     exact = features.CachedPrefix(model, texts, frozen_layers=2, progress=False)
-    assert low.states is not exact.states and len(features._PREFIXES) == 2
+    assert low.states is not exact.states and len(prefix_cache._PREFIXES) == 2
     assert not torch.equal(low.states.packed.data, exact.states.packed.data)
     model.eval()  # the trainable top layer's dropout off: the cache, not chance, is compared
     with torch.no_grad():

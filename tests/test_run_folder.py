@@ -20,8 +20,7 @@ import torch
 from accelerate.state import AcceleratorState
 from sentence_transformers import SentenceTransformer
 
-from mtl_utils import cli, features, freezing, training
-from mtl_utils.checkpoint import load_checkpoint
+from mtl_utils import cli, embedding_store, features, freezing, training
 from mtl_utils.cli import main
 from mtl_utils.data import task_from_dataframe
 from mtl_utils.model import MultiTaskModel
@@ -217,7 +216,7 @@ def test_a_backbone_given_by_a_relative_path_is_stored_absolute(workdir, tmp_pat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    model = load_checkpoint(tmp_path / "run" / "checkpoint")  # loads its backbone from any folder
+    model = MultiTaskModel.load(tmp_path / "run" / "checkpoint")  # loads its backbone from any folder
     assert model.backbone_name == saved
     # --from with the same backbone written another way is the same backbone; the tasks come from the run
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -287,8 +286,8 @@ def test_a_shard_from_another_backbone_is_dropped_and_a_folder_named_like_one_ig
         for p in other.parameters():
             p.mul_(1.5)
     features.cached_embeddings(other, texts, progress=False)  # the same width, another store
-    ours, theirs = sorted(features.cache_dir("embeddings").iterdir(), key=lambda p: p.name != Path(
-        features.embedding_store(model.backbone).folder).name)
+    ours, theirs = sorted(embedding_store.cache_dir("embeddings").iterdir(), key=lambda p: p.name != Path(
+        embedding_store.embedding_store(model.backbone).folder).name)
     for shard in ours.glob("shard-*"):
         shard.unlink()
     for shard in theirs.glob("shard-*"):
@@ -306,7 +305,7 @@ def test_a_shard_from_another_backbone_is_dropped_and_a_folder_named_like_one_ig
 def test_misuses_of_the_library_are_clear_errors(model, tasks, tiny_backbone):
     frame = pd.DataFrame({"text": ["a", "b\ud800c", "c", "d"], "label": ["x", "y", "x", "y"]})
     for call, error, message in (
-            (lambda: load_checkpoint(None), TypeError, "a checkpoint is a folder: give its path"),
+            (lambda: MultiTaskModel.load(None), TypeError, "a checkpoint is a folder: give its path"),
             (lambda: task_from_dataframe("t", [{"text": "a", "label": "x"}]), TypeError,
              r"df must be a pandas DataFrame .* got list \(pd.DataFrame\(rows\) makes one"),
             (lambda: task_from_dataframe("t", None), TypeError, "df must be a pandas DataFrame"),

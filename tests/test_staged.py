@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
+from mtl_utils import backbone as bb
 from mtl_utils import freezing
 from mtl_utils.model import MultiTaskModel
 from mtl_utils.recipes import TrainConfig
@@ -18,7 +18,7 @@ def test_gradual_unfreezing_adds_one_layer_per_stage(tiny_backbone, tasks):
     model = freezing.freeze_backbone(MultiTaskModel(tiny_backbone, {t.name: t.label_names for t in tasks}))
     history = gradual_unfreezing(model, tasks, TrainConfig(head_lr=0.05, backbone_lr=3e-3, progress=False), stages=2)
     assert sorted(history.stage.unique()) == [1, 2] and history.epoch.max() == 2
-    assert freezing.frozen_prefix_depth(model) == 2  # embeddings and layer 0 still frozen after two stages
+    assert bb.frozen_depth(model.backbone) == 2  # embeddings and layer 0 still frozen after two stages
     assert set(history.attrs["kept_stages"]) <= {1, 2} and history.attrs["best_epoch"] == max(
         history.attrs["kept_stages"], default=0)
 

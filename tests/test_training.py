@@ -68,11 +68,11 @@ def test_batches_are_full_cover_every_example_and_group_lengths():
     assert len(tiny) == 1 and sorted(set(tiny[0].tolist())) == [0, 1, 2, 3, 4]
 
 
-def test_task_loader_follows_the_seeded_plan(tasks):
+def test_the_batch_plan_follows_the_seed(tasks):
     config = TrainConfig(batch_size=16, seed=3)
     lengths = {t.name: np.array([len(x) for x in t.train.text]) for t in tasks}
-    first = [(name, idx.tolist()) for name, idx in training.task_loader(lengths, config)]
-    again = [(name, idx.tolist()) for name, idx in training.task_loader(lengths, config)]
+    first = [(name, idx.tolist()) for name, idx in training.BatchPlan(lengths, config).epoch()]
+    again = [(name, idx.tolist()) for name, idx in training.BatchPlan(lengths, config).epoch()]
     assert first == again and len(first) == sum(-(-len(t.train) // 16) for t in tasks)
     assert all(len(idx) == 16 and max(idx) < len(lengths[name]) for name, idx in first)
     assert {name for name, _ in first} == {"topic", "mood"}
@@ -152,7 +152,7 @@ def test_recipes_are_configs():
     assert TrainConfig().epochs == 20 and TrainConfig().head_lr == 1e-2
     tuned = finetune_config(epochs=3)
     assert (tuned.epochs, tuned.head_lr, tuned.backbone_lr, tuned.layer_lr_decay) == (3, 1e-3, 2e-4, 0.95)
-    assert tuned.but(seed=1).seed == 1 and tuned.seed == 0
+    assert dataclasses.replace(tuned, seed=1).seed == 1 and tuned.seed == 0
 
 
 def test_two_tasks_with_one_name_are_refused(model, tasks):
