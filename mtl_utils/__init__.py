@@ -1,8 +1,9 @@
 """mtl_utils: the small library behind the multi-task sentence-transformer notebooks.
 
-The flow is one way: offline (registry packages, the cache folder) -> backbone -> model -> freezing ->
-features (and the caches behind it) -> evaluation -> training -> the notebooks. Importing the package loads nothing heavy: the
-names below load their module on first use, so `python -m mtl_utils.cli --help` answers at once.
+The flow is one way: offline (registry packages, the cache folder) -> backbone -> model -> freezing
+-> features (and the caches behind it) -> evaluation -> training -> the notebooks. Importing the package
+loads nothing heavy: the names below load their module on first use, so `python -m mtl_utils.cli --help`
+answers at once.
 """
 
 from __future__ import annotations

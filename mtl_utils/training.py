@@ -165,6 +165,46 @@ def check_tasks(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task
     return tasks
 
 
+# --- one process ------------------------------------------------------------------------------------------
+
+class OneProcess:
+    """`train` in this process alone: the hooks several processes need (mtl_utils.distributed) do nothing here."""
+
+    is_main = True
+
+    def check(self, config: TrainConfig) -> None:
+        if config.mixed_precision == "fp16":
+            raise ValueError("mixed_precision='fp16' needs a GPU and the accelerator's gradient scaler: pass "
+                             "processes=distributed.Processes(make_accelerator('fp16')), or use 'bf16'")
+
+    def first(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def share(self, idx: np.ndarray) -> np.ndarray:
+        return idx
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return model, optimizer
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # the dropout masks
+
+    def mean(self, loss: torch.Tensor) -> float:
+        return loss.item()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip(self, parameters: list[nn.Parameter], max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def agree(self, score: float) -> float:
+        return score
+
+    def unwrap(self, model: nn.Module) -> None:
+        pass
+
+
 # --- checks before a run, scores after each epoch --------------------------------------------------------
 
 def epoch_score(rows: Sequence[Mapping], config: TrainConfig, select_on: Sequence[str],
@@ -204,8 +244,6 @@ def warn_long_texts(model: MultiTaskModel, tasks: Mapping[str, Task]) -> None:
                                         f"task {name!r} {split}")
 
 
-
-
 def check_run(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task], config: TrainConfig,
               processes: OneProcess) -> tuple[dict[str, Task], list[str]]:
     """Every reason the run cannot start, before any work: the tasks by name and the ones that get batches."""
@@ -223,46 +261,6 @@ def check_run(model: MultiTaskModel, tasks: Sequence[Task] | Mapping[str, Task],
     if processes.is_main:
         warn_long_texts(model, tasks)
     return tasks, names
-
-
-# --- one process ------------------------------------------------------------------------------------------
-
-class OneProcess:
-    """`train` in this process alone: the hooks several processes need (mtl_utils.distributed) do nothing here."""
-
-    is_main = True
-
-    def check(self, config: TrainConfig) -> None:
-        if config.mixed_precision == "fp16":
-            raise ValueError("mixed_precision='fp16' needs a GPU and the accelerator's gradient scaler: pass "
-                             "processes=distributed.Processes(make_accelerator('fp16')), or use 'bf16'")
-
-    def first(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def share(self, idx: np.ndarray) -> np.ndarray:
-        return idx
-
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        return model, optimizer
-
-    def seed(self, seed: int) -> None:
-        torch.manual_seed(seed)  # the dropout masks
-
-    def mean(self, loss: torch.Tensor) -> float:
-        return loss.item()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def clip(self, parameters: list[nn.Parameter], max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-    def agree(self, score: float) -> float:
-        return score
-
-    def unwrap(self, model: nn.Module) -> None:
-        pass
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
