@@ -60,11 +60,11 @@ def add_lora(model: MultiTaskModel, r: int = 8, alpha: int = 16, dropout: float 
     where = {} if top_layers is None else {"layers_to_transform": list(range(total - top_layers, total)),
                                            "layers_pattern": "layer"}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", **where)
-    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": sorted(targets),
-                  "top_layers": top_layers}  # what a checkpoint stores: loading calls add_lora with exactly these
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about the model type are not the reader's business
         inject_adapter_in_model(config, auto)
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": sorted(targets),
+                  "top_layers": top_layers}  # what a checkpoint stores: loading calls add_lora with exactly these
     model.backbone.requires_grad_(False)
     for param in lora_parameters(model).values():
         param.requires_grad_(True)
