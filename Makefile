@@ -18,9 +18,12 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # training 3-10x slower (README, Performance); on an idle machine passive waiting costs about 5-10%
 export OMP_WAIT_POLICY ?= PASSIVE
 # no progress bars in executed notebooks (saved outputs) or under test: `make lab` keeps them
-run test rerun-mpnet: export TQDM_DISABLE := 1
+run test rerun-mpnet learning-curve: export TQDM_DISABLE := 1
+# a claim of a notebook's text that the run no longer supports fails the build (mtl_utils.claims); in JupyterLab a
+# reader who experiments gets a one-line note instead
+run test rerun-mpnet learning-curve: export MTL_UTILS_STRICT_CLAIMS := 1
 
-.PHONY: venv run test unit lab book bench bench-scaling bench-notebooks rerun-mpnet clean
+.PHONY: venv run test unit lab book bench bench-scaling bench-notebooks rerun-mpnet learning-curve clean
 
 venv: $(STAMP)
 
@@ -84,6 +87,13 @@ MPNET_PARAMETERS := -p BACKBONE all-mpnet-base-v2 -p EPOCHS 1 -p LORA_LAYERS 3 \
 rerun-mpnet: $(STAMP)
 	MTL_UTILS_RESULTS=$(MTL_UTILS_RESULTS)/mpnet $(VENV)/bin/papermill --no-progress-bar --cwd notebooks \
 		notebooks/07_staged_unfreezing.ipynb reruns/07_staged_unfreezing_mpnet.ipynb $(MPNET_PARAMETERS)
+
+# when does unfreezing pay: heads only, the top 2 layers and LoRA at 250-4,000 training sentences per task, 3 seeds
+# each (about 25 minutes): executes reruns/learning_curve.ipynb in place and writes reruns/learning_curve_runs.csv,
+# which notebook 08 reads
+learning-curve: $(STAMP)
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 \
+		--ExecutePreprocessor.kernel_name=python3 reruns/learning_curve.ipynb
 
 clean:
 	rm -rf $(VENV) .cache results .pytest_cache _build

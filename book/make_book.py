@@ -8,6 +8,7 @@ the table of contents that Sphinx reads.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -23,9 +24,19 @@ def chapters() -> list[str]:
 
 
 def appendix() -> list[str]:
-    """The reruns, labelled by what they rerun (their own title is the notebook's)."""
-    return [f"Notebook {p.stem[:2]} rerun: {p.stem.rsplit('_', 1)[-1]} <reruns/{p.stem}>"
-            for p in sorted((ROOT / "reruns").glob("*.ipynb"))]
+    """The heavier experiments: a rerun of a chapter labelled by what it reruns (its own title is the chapter's),
+    an experiment of its own by its title."""
+    return [f"Notebook {p.stem[:2]} rerun: {p.stem.rsplit('_', 1)[-1]} <reruns/{p.stem}>" if p.stem[:2].isdigit()
+            else f"{title(p)} <reruns/{p.stem}>" for p in sorted((ROOT / "reruns").glob("*.ipynb"))]
+
+
+def title(notebook: Path) -> str:
+    """The text of a notebook's first heading."""
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        for line in "".join(cell["source"]).splitlines():
+            if cell["cell_type"] == "markdown" and line.startswith("# "):
+                return line[2:].strip()
+    return notebook.stem
 
 
 def manuals() -> list[str]:
@@ -42,7 +53,7 @@ def stage(folder: Path) -> Path:
     for name in ("notebooks", "reruns", "docs"):
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("*.py", ".ipynb_checkpoints"))
     index = (ROOT / "README.md").read_text(encoding="utf-8")
-    index += toctree("Chapters", chapters()) + toctree("Manuals", manuals()) + toctree("Appendix: reruns", appendix())
+    index += toctree("Chapters", chapters()) + toctree("Manuals", manuals()) + toctree("Appendix: heavier experiments", appendix())
     (folder / "index.md").write_text(index, encoding="utf-8")
     for page in (folder / "docs").glob("*.md"):  # the README is the book's index page
         page.write_text(page.read_text(encoding="utf-8").replace("](../README.md", "](../index.md"), encoding="utf-8")

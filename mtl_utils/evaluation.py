@@ -119,6 +119,21 @@ def paired_comparison(first_correct: Sequence[bool] | np.ndarray, second_correct
     return Paired(n, a, b, c, diff, max(-1.0, diff - below), min(1.0, diff + above), p_value)
 
 
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's adjusted p-values for a family of tests (NaN: no test, left out): "adjusted p < 0.05" keeps the chance
+    of any false "real" in the whole family under 5%. The smallest p is multiplied by the number of tests, the next
+    by one less, and so on, never below the one before."""
+    p = np.asarray(p_values, dtype=float)
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError(f"p-values lie in [0, 1], got {p[(p < 0) | (p > 1)][:5].tolist()}")
+    tested = np.flatnonzero(~np.isnan(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    m = len(order)
+    adjusted = np.full(p.shape, np.nan)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted
+
+
 def seed_summary(values: Sequence[float], z: float | None = None) -> dict[str, float]:
     """Mean, standard deviation, range and a 95% t-interval of the mean of one measurement over seeds."""
     from scipy.stats import t as student_t
@@ -157,6 +172,9 @@ def select(candidates: Mapping[str, Mapping[str, float]], benchmark: str, val_si
         raise ValueError(f"the benchmark {benchmark!r} is not among the candidates {list(candidates)}")
     tasks = list(candidates[benchmark])
     goal = list(goal or tasks)
+    # what is compared: the mean over every task, or over the goal's tasks only (then the table says which)
+    column, on = ("mean val", "the mean validation accuracy") if set(goal) == set(tasks) else \
+        (f"goal val ({', '.join(goal)})", f"the goal's validation accuracy ({', '.join(goal)})")
     base = candidates[benchmark]
     noise = {t: math.sqrt(base[t] * (1 - base[t]) / val_sizes[t]) for t in tasks}
     rows = []
@@ -167,25 +185,25 @@ def select(candidates: Mapping[str, Mapping[str, float]], benchmark: str, val_si
         if name == benchmark:
             why = "the benchmark"
         elif gain < margin:
-            why = f"gains {100 * gain:+.1f} points on the mean, under the {100 * margin:.1f}-point margin"
+            why = f"gains {100 * gain:+.1f} points on {on}, under the {100 * margin:.1f}-point margin"
         elif fallen:
             why = "; ".join(f"{t} falls {100 * (base[t] - accs[t]):.1f} points, more than its noise "
                             f"({100 * noise[t]:.1f})" for t in fallen)
         else:
             why = "qualifies"
-        rows.append({"run": name, **{f"{t} val": accs[t] for t in tasks}, "mean val": mean, "gain (points)": 100 * gain,
+        rows.append({"run": name, **{f"{t} val": accs[t] for t in tasks}, column: mean, "gain (points)": 100 * gain,
                      "trainable parameters": trainable[name], "qualifies": why == "qualifies", "why": why})
     table = pd.DataFrame(rows)
     qualified = table[table.qualifies]
     if qualified.empty:
         return Selection(benchmark, table, "no run beats the benchmark by the margin without a task falling "
                                            "more than its noise: keep the benchmark")
-    best = qualified["mean val"].max()
-    ties = qualified[qualified["mean val"] >= best - margin]
-    chosen = ties.sort_values(["trainable parameters", "mean val"], ascending=[True, False]).iloc[0]["run"]
+    best = qualified[column].max()
+    ties = qualified[qualified[column] >= best - margin]
+    chosen = ties.sort_values(["trainable parameters", column], ascending=[True, False]).iloc[0]["run"]
     others = [r for r in ties["run"] if r != chosen]
     reason = (f"{chosen} replaces the benchmark: {table.set_index('run').loc[chosen, 'gain (points)']:+.1f} points on "
-              f"the mean validation accuracy, no task below its noise"
+              f"{on}, no task below its noise"
               + (f"; it ties (within the margin) with {', '.join(others)} and trains the fewest parameters"
                  if others else ""))
     return Selection(chosen, table, reason)

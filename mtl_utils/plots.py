@@ -161,7 +161,6 @@ def decision_chart(chart, title: str = "") -> Figure:
 
     from .decisions import Advice
 
-    positions: dict[int, tuple[float, float]] = {}
     boxes: list[tuple[object, float, float]] = []
     arrows: list[tuple[tuple[float, float], tuple[float, float], str]] = []
     counter = [0]
@@ -197,5 +196,44 @@ def decision_chart(chart, title: str = "") -> Figure:
     ax.set_ylim(-depth + 0.1, 0.6)
     ax.axis("off")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def gain_curve(gains: pd.DataFrame, titles: Mapping[str, str], ylabel: str = "gain over the same-data control "
+               "(validation points)") -> Figure:
+    """One panel per task: for each method, its gain at each training size, one small dot per seed (hollow: the
+    run was undone), a line through the seeds' mean and a band from the lowest seed to the highest.
+
+    `gains` has columns size, method, task, seed, gain and undone (learning_curve.gains makes it).
+    """
+    fig, axes = plt.subplots(1, len(titles), figsize=(6 * len(titles), 4.2), squeeze=False, sharey=True)
+    methods = list(dict.fromkeys(gains["method"]))
+    for ax, (task, title) in zip(axes[0], titles.items()):
+        for i, method in enumerate(methods):
+            rows = gains[(gains.task == task) & (gains.method == method)]
+            by_size = rows.groupby("size")["gain"]
+            sizes = np.array(sorted(rows["size"].unique()))
+            # each method a little to the side, so that dots at one size do not cover each other
+            shift = 1.06 ** (i - (len(methods) - 1) / 2)
+            ax.fill_between(sizes * shift, by_size.min().loc[sizes], by_size.max().loc[sizes], color=f"C{i}",
+                            alpha=0.15, lw=0)
+            ax.plot(sizes * shift, by_size.mean().loc[sizes], "-", color=f"C{i}", lw=2, label=f"{method} (mean)")
+            done, undone = rows[~rows.undone], rows[rows.undone]
+            ax.plot(done["size"] * shift, done["gain"], "o", color=f"C{i}", ms=4)
+            ax.plot(undone["size"] * shift, undone["gain"], "o", mfc="none", color=f"C{i}", ms=6)
+        ax.axhline(0, color="grey", lw=1, ls=":")
+        ax.set_xscale("log")
+        ticks = sorted(gains["size"].unique())
+        ax.set_xticks(ticks, [f"{s:,}" for s in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("training sentences per task")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].plot([], [], "o", color="grey", ms=4, label="one seed")
+    if gains["undone"].any():
+        axes[0][0].plot([], [], "o", mfc="none", color="grey", ms=6, label="one seed, undone (kept its start)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -105,6 +105,17 @@ def label_undone(row: pd.Series) -> pd.Series:
     for column in ("change on A (points)", "change on B (points)", "s per epoch", "one-off s"):
         row[column] = UNDONE if column.startswith("change") else "–"
     return row
+
+
+def mark_undone(table: pd.DataFrame, columns: Sequence[str], kept: str = "kept epoch") -> pd.DataFrame:
+    """A copy of `table` for display in which every run that its selection undid (`kept` epoch 0: the run is its
+    start, bit for bit) shows "undone: kept the start" instead of its `columns` (changes, p-values, costs)."""
+    missing = [c for c in [kept, *columns] if c not in table.columns]
+    if missing:
+        raise KeyError(f"columns {missing} are not in the table; it has {', '.join(map(str, table.columns))}")
+    out = table.astype({c: object for c in columns})
+    out.loc[out[kept] == 0, list(columns)] = UNDONE
+    return out
 
 
 def splice_readme(readme: Path, block: str) -> bool:

@@ -61,7 +61,7 @@ def multitask_checkpoint(backbone: str = DEFAULT_BACKBONE, progress: bool = True
 def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task], config: TrainConfig,
               seeds: Sequence[int]) -> pd.DataFrame:
     """The same recipe once per seed (the heads' start and the batches drawn from it): per seed and task, the
-    kept epoch's validation accuracy and the test accuracy (read once per model).
+    kept epoch (0: the run was undone), its validation accuracy and the test accuracy (read once per model).
 
     A run is deterministic, so its scores are kept in the cache folder, keyed by everything that decides them
     (the model before training and which of its parameters train, the data, the recipe): a notebook that repeats
@@ -83,7 +83,7 @@ def seed_runs(make_model: Callable[[int], MultiTaskModel], tasks: Sequence[Task]
             continue
         history = train(model, tasks, config_seed)
         best = history[history.best].set_index("task")["val_accuracy"]
-        found = [{"seed": seed, "task": t.name, "val": float(best[t.name]),
+        found = [{"seed": seed, "task": t.name, "kept epoch": int(history.attrs["best_epoch"]), "val": float(best[t.name]),
                   "test": evaluate(model, t, "test")["accuracy"],
                   "seconds": float(history.drop_duplicates("epoch")["seconds"].sum())} for t in tasks]
         atomic_write_text(path, json.dumps(found))

@@ -115,3 +115,26 @@ def test_class_report_by_hand():
     assert report["per_class"]["z"]["precision"] == 0.5 and report["per_class"]["z"]["recall"] == 1.0
     absent = class_report(np.array([0, 0]), np.eye(3)[[0, 0]], ("x", "y", "z"))  # a class never seen: zeros
     assert absent["per_class"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_holm_adjusts_a_family_of_p_values_step_down():
+    from mtl_utils.evaluation import holm
+
+    # by hand: sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> never below 0.06
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    out = holm([0.2, np.nan, 0.6])  # a row without a test is not counted in the family
+    assert np.isnan(out[1]) and np.allclose(out[[0, 2]], [0.4, 0.6])
+    np.testing.assert_allclose(holm([0.9, 0.8]), [1.0, 1.0])  # capped at 1, never below the smaller one's
+    with pytest.raises(ValueError, match=r"p-values lie in \[0, 1\]"):
+        holm([0.5, 1.5])
+
+
+def test_a_goal_of_some_tasks_is_named_as_such_not_as_the_mean():
+    from mtl_utils.evaluation import select
+
+    candidates = {"start": {"a": 0.85, "b": 0.76}, "run": {"a": 0.85, "b": 0.80}}
+    choice = select(candidates, "start", {"a": 500, "b": 1000}, {"start": 0, "run": 10}, goal=["b"])
+    assert "goal val (b)" in choice.table.columns and "mean val" not in choice.table.columns
+    assert choice.chosen == "run" and "the goal's validation accuracy (b)" in choice.reason
+    everything = select(candidates, "start", {"a": 500, "b": 1000}, {"start": 0, "run": 10})
+    assert "mean val" in everything.table.columns and "the mean validation accuracy" in everything.reason

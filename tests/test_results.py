@@ -56,3 +56,17 @@ def test_a_run_the_rule_undid_is_labelled_undone_not_shown_as_a_result():
                  row("0", "+0.0 [-0.6, +0.6]", "+0.0 [-0.2, +0.2]"),  # nothing trains: nothing to undo
                  row("770", "+0.8 [-0.3, +2.0]", "+0.9 [-0.7, +2.6]")):
         assert label_undone(kept).equals(kept)
+
+
+def test_mark_undone_hides_the_changes_and_costs_of_runs_that_kept_their_start():
+    import pandas as pd
+    import pytest
+
+    from mtl_utils.results import UNDONE, mark_undone
+
+    table = pd.DataFrame({"run": ["a", "b"], "kept epoch": [0, 2], "change": [0.0, 3.5], "minutes": [1.2, 1.3]})
+    shown = mark_undone(table, ["change", "minutes"])
+    assert shown.loc[0, "change"] == UNDONE and shown.loc[0, "minutes"] == UNDONE
+    assert shown.loc[1, "change"] == 3.5 and table.loc[0, "change"] == 0.0  # the trained run as is; the table untouched
+    with pytest.raises(KeyError, match=r"\['p'\] are not in the table"):
+        mark_undone(table, ["p"])
