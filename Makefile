@@ -82,8 +82,8 @@ bench-notebooks: $(STAMP)
 # reruns/07_staged_unfreezing_mpnet.ipynb, its figures and tables go to results/mpnet/; the first run also trains
 # mpnet's heads checkpoint (every sentence encoded once)
 MPNET_PARAMETERS := -p BACKBONE all-mpnet-base-v2 -p EPOCHS 1 -p LORA_LAYERS 3 \
-	-y 'GROUPS: {"all the training data": {sample: null, runs: [1, 2, 3, lora]}}' \
-	-y 'SPREAD: null' -y 'AIMS: {trec: 0.97, movies: 0.88}'
+	-y 'TOP_K: [1, 2, 3]' -y 'ALL_DATA_LORA: true' -y 'SAMPLE: null' -y 'SPREAD_SEEDS: []' \
+	-y 'AIMS: {trec: 0.97, movies: 0.88}'
 rerun-mpnet: $(STAMP)
 	MTL_UTILS_RESULTS=$(MTL_UTILS_RESULTS)/mpnet $(VENV)/bin/papermill --no-progress-bar --cwd notebooks \
 		notebooks/07_staged_unfreezing.ipynb reruns/07_staged_unfreezing_mpnet.ipynb $(MPNET_PARAMETERS)
