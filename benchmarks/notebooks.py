@@ -50,7 +50,7 @@ def measure(cmd: list[str], cwd: Path | None = None, env: dict | None = None, in
 
 
 def notebook_paths() -> list[Path]:
-    return sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    return sorted((REPO / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 
 
 def _tail(path: Path, lines: int = 30) -> str:

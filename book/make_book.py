@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MANUALS = ("your_own_data", "command_line", "deployment", "checkpoints_and_cache", "library", "performance")
+MANUALS = ("teaching", "your_own_data", "command_line", "deployment", "checkpoints_and_cache", "library", "performance")
 
 
 def chapters() -> list[str]:
     """The notebooks in series order, as document names."""
-    return [f"notebooks/{p.stem}" for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
+    return [f"notebooks/{p.stem}" for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))]
 
 
 def appendix() -> list[str]:

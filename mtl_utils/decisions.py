@@ -30,7 +30,7 @@ class Question:
 Node = Question | Advice
 
 CHART = Question(
-    "Has today's data drifted from the data the model was trained on? (a domain classifier, notebook 03)", (
+    "Has today's data drifted from the data the model was trained on? (a domain classifier, notebook 03b)", (
         ("yes", Question("Do you have labels for today's data?", (
             ("no", Advice("freeze everything, and get labels",
                           "on drifted sources the frozen head lost {drift_loss_min:.0f} to {drift_loss_max:.0f} points, "

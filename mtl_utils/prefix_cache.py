@@ -173,10 +173,6 @@ _PREFIXES: OrderedDict[str, PrefixStates] = OrderedDict()
 _MAX_PREFIXES = 8  # a few (backbone, texts, boundary) entries: train and validation of two tasks, twice
 
 
-_PREFIXES: OrderedDict[str, PrefixStates] = OrderedDict()
-_MAX_PREFIXES = 8  # a few (backbone, texts, boundary) entries: train and validation of two tasks, twice
-
-
 def prefix_states(tokens: Tokens, boundary: int, device: torch.device, progress: bool = True, batch_size: int = 64,
                   memory_cap: int | None = None) -> PrefixStates:
     """The states after the bottom `boundary` layers of the texts, from memory or computed now."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -19,6 +21,18 @@ from .embedding_store import backbone_key, texts_key
 from .offline.cache import atomic_write_text, cache_dir, fingerprint
 from .recipes import DEFAULT_BACKBONE, TASKS, TrainConfig
 from .training import train
+
+
+LAB_ENV = "MTL_UTILS_LAB"
+
+
+def lab_mode() -> bool:
+    """True when `$MTL_UTILS_LAB` is 1: notebooks 05 and 07 run a short workload (a 90-minute lab), 0 or unset: the
+    full one, which the saved notebooks and their text describe."""
+    value = os.environ.get(LAB_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${LAB_ENV} is {value!r}; accepted: 1 (lab mode: short runs), 0 or unset (the full runs)")
+    return value == "1"
 
 
 def series_task(name: str, seed: int = 0) -> Task:
@@ -55,12 +69,17 @@ def build_model(backbone: str = DEFAULT_BACKBONE, tasks: list[Task] | None = Non
                           head=head, seed=seed, backbone_name=backbone).to(device)
 
 
+@functools.cache
+def series_data_key() -> str:
+    """A short fingerprint of the series' training and validation data (computed once per process)."""
+    return fingerprint([], [(t.name, texts_key([*t.train.text, *t.val.text]), t.train.label.tolist(),
+                             t.val.label.tolist()) for t in series_tasks()])[:12]
+
+
 def checkpoint_folder(backbone: str = DEFAULT_BACKBONE) -> Path:
     """Where the jointly trained multi-task checkpoint of a backbone lives (in the cache folder), named by the
     data it is trained on too: another version of the series' data never reads a stale checkpoint."""
-    data = fingerprint([], [(t.name, texts_key([*t.train.text, *t.val.text]), t.train.label.tolist(),
-                             t.val.label.tolist()) for t in series_tasks()])
-    return cache_dir("checkpoints") / f"multitask-heads-{backbone}-{data[:12]}"
+    return cache_dir("checkpoints") / f"multitask-heads-{backbone}-{series_data_key()}"
 
 
 def train_multitask_heads(backbone: str = DEFAULT_BACKBONE, tasks: list[Task] | None = None, progress: bool = True):

@@ -72,7 +72,7 @@ def test_every_internal_link_and_image_resolves(book):
                     and unquote(parts.fragment) not in pages[target].ids:
                 broken.append(f"{path.relative_to(book)}: {url} (no such anchor)")
     assert not broken, "\n".join(broken[:30])
-    for notebook in [*(ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"), *(ROOT / "reruns").glob("*.ipynb")]:
+    for notebook in [*(ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"), *(ROOT / "reruns").glob("*.ipynb")]:
         figures = sum(1 for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]
                       for output in cell.get("outputs", []) if "image/png" in output.get("data", {}))
         page = book / notebook.parent.name / f"{notebook.stem}.html"
@@ -88,7 +88,7 @@ def test_every_notebook_has_its_page_and_the_landing_page_lists_them_in_order(bo
         name = urlsplit(url).path.removesuffix(".html")
         if name in chapters() and name not in order:
             order.append(name)
-    assert order == chapters() and len(order) == 8
+    assert order == chapters() and len(order) == 9
     assert all(any(urlsplit(u).path == f"{m}.html" for u in landing.links) for m in manuals())
     assert (book / "search.html").is_file() and (book / "searchindex.js").is_file()
     chapter = (book / "notebooks" / "04_freeze_backbone.html").read_text(encoding="utf-8")
