@@ -85,15 +85,29 @@ class Paired:
 
     def verdict(self, alpha: float = 0.05) -> str:
         """"better", "worse" or "cannot tell" (the first model against the second, at level `alpha`)."""
-        if self.p_value >= alpha:
-            return "cannot tell"
-        return "better" if self.difference > 0 else "worse"
+        return verdict(self.difference, self.p_value, alpha)
 
     def describe(self, first: str = "first", second: str = "second") -> str:
         """One line a notebook can print."""
         return (f"{first} vs {second}: {100 * self.difference:+.1f} points [{100 * self.low:+.1f}, {100 * self.high:+.1f}], "
                 f"{self.only_first} vs {self.only_second} sentences only one got right, McNemar p = {self.p_value:.3g}"
                 f" -> {self.verdict()}")
+
+
+def verdict(change: float, p_value: float, alpha: float = 0.05) -> str:
+    """The series' one reading of a paired test: "better" or "worse" (by the change's sign) if p < `alpha`, else
+    "cannot tell"."""
+    if not (math.isfinite(change) and 0.0 <= p_value <= 1.0):
+        raise ValueError(f"a verdict needs a finite change and a p-value in [0, 1]; got change={change!r}, "
+                         f"p={p_value!r}")
+    if p_value >= alpha:
+        return "cannot tell"
+    return "better" if change > 0 else "worse"
+
+
+def reading(change_points: float, p_value: float, alpha: float = 0.05) -> str:
+    """A change in points with its verdict, as the notebooks print it: "+3.6 (better)"."""
+    return f"{change_points:+.1f} ({verdict(change_points, p_value, alpha)})"
 
 
 def paired_comparison(first_correct: Sequence[bool] | np.ndarray, second_correct: Sequence[bool] | np.ndarray,

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from mtl_utils.evaluation import (accuracy_interval, class_report, fallen_tasks, paired_comparison, scores,
-                                  seed_summary, select, task_noise)
+from mtl_utils.evaluation import (accuracy_interval, class_report, fallen_tasks, paired_comparison, reading, scores,
+                                  seed_summary, select, task_noise, verdict)
 
 
 def test_scores():
@@ -43,6 +43,19 @@ def test_mcnemar_exact_by_hand():
     assert (result.n, result.both_right, result.only_first, result.only_second) == (100, 80, 8, 2)
     assert result.difference == pytest.approx(0.06) and result.verdict() == "cannot tell"
     assert paired_comparison(*correct_pairs(50, 0, 0, 50)).p_value == 1.0  # no discordant pair: nothing to tell
+
+
+def test_verdict_and_reading_follow_the_p_value_and_the_sign():
+    assert verdict(+3.6, 0.01) == "better" and verdict(-3.6, 0.01) == "worse"
+    assert verdict(+9.9, 0.05) == "cannot tell" and verdict(-0.2, 0.9) == "cannot tell"  # p = alpha is not below it
+    assert verdict(+3.6, 0.03, alpha=0.01) == "cannot tell"
+    assert reading(3.64, 0.001) == "+3.6 (better)" and reading(-0.04, 0.8) == "-0.0 (cannot tell)"
+    # the method a paired comparison prints agrees with the function the notebooks call on (change, p)
+    result = paired_comparison(*correct_pairs(30, 12, 3, 55))
+    assert result.verdict() == verdict(100 * result.difference, result.p_value)
+    for change, p in ((float("nan"), 0.01), (1.0, float("nan")), (1.0, 1.5)):
+        with pytest.raises(ValueError, match="finite change and a p-value"):
+            verdict(change, p)
 
 
 def test_interval_of_a_paired_difference_by_hand():
